@@ -1,0 +1,125 @@
+"""Hugging Face checkpoint directories: `config.json` + `*.safetensors` (single or indexed).
+
+`HFCheckpoint` reads one tensor at a time (safetensors memory-maps the files), under the
+text model's names: the `language_model.` prefix of multimodal checkpoints is stripped and the
+vision tower's tensors are set aside in `unused_keys()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from l4jax.config import Llama4Config
+from l4jax.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+TEXT_PREFIX = "language_model."
+NON_TEXT_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+class HFCheckpoint:
+    """A HF Llama 4 checkpoint directory, read lazily tensor by tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing (not a Hugging Face checkpoint)")
+        with open(config_file) as f:
+            try:
+                self._hf_config: dict[str, Any] = json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        self._handles: dict[str, Any] = {}
+        self._files = self._tensor_files()
+        self._where: dict[str, tuple[str, str]] = {}  # text key -> (file, stored key)
+        self._unused: list[str] = []
+        for file, stored_keys in self._files.items():
+            for stored in stored_keys:
+                key = stored[len(TEXT_PREFIX) :] if stored.startswith(TEXT_PREFIX) else stored
+                if stored.startswith(NON_TEXT_PREFIXES):
+                    self._unused.append(stored)
+                else:
+                    self._where[key] = (file, stored)
+
+    def _tensor_files(self) -> dict[str, list[str]]:
+        """file name -> stored tensor names, from the index or by opening each file."""
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            with open(index) as f:
+                try:
+                    weight_map: dict[str, str] = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: malformed index ({e})") from None
+            files: dict[str, list[str]] = {}
+            for key, file in weight_map.items():
+                files.setdefault(file, []).append(key)
+            for file in files:
+                if not (self.path / file).is_file():
+                    raise CheckpointError(f"{self.path / file}: listed in {INDEX_FILE}, missing")
+            return files
+        found = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not found:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        return {file: list(self._open(file).keys()) for file in found}
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.path / file), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{self.path / file}: unreadable safetensors file ({e})"
+                ) from None
+        return self._handles[file]
+
+    def hf_config(self) -> dict[str, Any]:
+        return self._hf_config
+
+    def config(self, **runtime: Any) -> Llama4Config:
+        try:
+            return Llama4Config.from_hf_dict(self._hf_config, **runtime)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def unused_keys(self) -> list[str]:
+        return list(self._unused)
+
+    def location(self, key: str) -> str:
+        file, _ = self._where.get(key, ("?", key))
+        return str(self.path / file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        file, stored = self._where[key]
+        try:
+            return tuple(self._open(file).get_slice(stored).get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path / file}: tensor {key!r}: {e}") from None
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}")
+        file, stored = self._where[key]
+        try:
+            return self._open(file).get_tensor(stored)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path / file}: tensor {key!r} unreadable ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()

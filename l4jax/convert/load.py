@@ -1,0 +1,100 @@
+"""`from_pretrained`: a checkpoint directory in, `(model, params)` out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from l4jax.config import Llama4Config
+from l4jax.convert.hf import HFCheckpoint, is_hf_dir
+from l4jax.convert.mapping import (
+    TensorSource,
+    check_source,
+    hf_entries,
+    iter_slices,
+    param_shapes,
+    set_path,
+)
+from l4jax.errors import CheckpointError
+from l4jax.model import Llama4ForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorSource:
+    """Detect the format of `path` and open it as a tensor source (HF names and layouts)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if is_hf_dir(p):
+        return HFCheckpoint(p)
+    if (p / "params.json").is_file():
+        from l4jax.convert.meta import MetaCheckpoint
+
+        return MetaCheckpoint(p)
+    raise CheckpointError(
+        f"{p}: unknown checkpoint format (expected config.json + *.safetensors from Hugging Face, "
+        "or params.json + consolidated.NN.pth from Meta)"
+    )
+
+
+def source_config(source: Any, **runtime: Any) -> Llama4Config:
+    try:
+        return Llama4Config.from_hf_dict(source.hf_config(), **runtime)
+    except ValueError as e:
+        raise CheckpointError(f"{getattr(source, 'path', '')}: {e}") from None
+
+
+def load_params(source: TensorSource, config: Llama4Config, dtype: Any = None) -> dict[str, Any]:
+    """Read every tensor once into the scanned l4jax param tree (host RAM, then device)."""
+    entries = hf_entries(config)
+    check_source(source, config, entries)
+    target = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    host: dict[tuple[str, ...], np.ndarray] = {
+        path: np.empty(shape, target) for path, shape in param_shapes(config).items()
+    }
+    slices = iter_slices(source, entries, target)
+    total = sum(len(e.slots) for e in entries)
+    for slot, array in tqdm(slices, total=total, desc="loading", unit="tensor", leave=False):
+        if slot.group is None:
+            host[slot.path][...] = array
+        else:
+            host[slot.path][slot.group] = array
+    params: dict[str, Any] = {}
+    for path, array in host.items():
+        set_path(params, path, jax.device_put(array))
+    return params
+
+
+def from_pretrained(
+    path: str | os.PathLike, dtype: Any = None, **runtime: Any
+) -> tuple[Llama4ForCausalLM, dict[str, Any]]:
+    """Load a Hugging Face or Meta Llama 4 text checkpoint as `(model, params)`.
+
+    `dtype` sets the stored param dtype and the compute dtype (default: the checkpoint's
+    `torch_dtype`, else float32); other `Llama4Config` runtime fields (e.g. `moe_impl`,
+    `remat_policy`) pass through `runtime`.
+    """
+    source = open_checkpoint(path)
+    hf = source.hf_config()
+    text = hf.get("text_config", hf)
+    name = str(jnp.dtype(dtype)) if dtype is not None else _torch_dtype(text)
+    runtime = {"dtype": name, "param_dtype": name, **runtime}
+    config = source_config(source, **runtime)
+    log.info(
+        "loading %s (%d layers) from %s", type(source).__name__, config.num_hidden_layers, path
+    )
+    params = load_params(source, config)
+    return Llama4ForCausalLM(config), params
+
+
+def _torch_dtype(hf: dict[str, Any]) -> str:
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"

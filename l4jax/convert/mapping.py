@@ -1,0 +1,249 @@
+"""The one table between Hugging Face tensor names/layouts and l4jax's scanned param tree.
+
+Every conversion (HF load, HF export, Meta import through its HF view, streaming to Orbax) walks
+`hf_entries(config)`: one `Entry` per HF tensor, saying which l4jax parameter slice(s) it fills
+and how to move between the two layouts. Layer i lives in scan group i // p, slot i % p
+(p = `config.scan_period`): `params["layers"][f"layer_{i % p}"][...][i // p]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from l4jax.config import Llama4Config
+from l4jax.errors import CheckpointError
+
+
+class TensorSource(Protocol):
+    """A checkpoint read tensor by tensor, by HF name, in HF layout."""
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> np.ndarray: ...
+    def location(self, key: str) -> str: ...  # file holding the tensor, for error messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One l4jax parameter array (path into the param tree), or one layer of a scanned one."""
+
+    path: tuple[str, ...]
+    group: int | None  # scan group index for stacked layer params, None for top-level params
+    shape: tuple[int, ...]  # the slice's shape (without the scan axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    slots: tuple[Slot, ...]
+    split: Callable[[np.ndarray], tuple[np.ndarray, ...]]  # HF tensor -> one array per slot
+    join: Callable[[tuple[np.ndarray, ...]], np.ndarray]  # inverse
+
+
+def _identity(hf_shape, slot_shape):
+    return (lambda w: (w,)), (lambda xs: xs[0])
+
+
+def _linear(hf_shape, slot_shape):
+    """torch Linear weight [out, in] <-> kernel [in, out] with out/in dims possibly split."""
+    out_dim, in_dim = hf_shape
+
+    def split(w):
+        return (w.T.reshape(slot_shape),)
+
+    def join(xs):
+        return xs[0].reshape(in_dim, out_dim).T
+
+    return split, join
+
+
+def _gate_up(hf_shape, slot_shape):
+    """experts.gate_up_proj [E, D, 2F] (gate first) <-> gate [E, D, F], up [E, D, F]."""
+    f = hf_shape[-1] // 2
+    return (lambda w: (w[..., :f], w[..., f:])), (lambda xs: np.concatenate(xs, axis=-1))
+
+
+def _entry(hf_key, hf_shape, slots, layout) -> Entry:
+    split, join = layout(hf_shape, slots[0].shape)
+    return Entry(hf_key, tuple(hf_shape), tuple(slots), split, join)
+
+
+def hf_entries(config: Llama4Config) -> list[Entry]:
+    """All tensors of a HF `Llama4ForCausalLM` checkpoint, in a stable order."""
+    c = config
+    d, v, n, k, h = (
+        c.hidden_size,
+        c.vocab_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    )
+    entries = [
+        _entry(
+            "model.embed_tokens.weight", (v, d), [Slot(("embed_tokens",), None, (v, d))], _identity
+        )
+    ]
+    p = c.scan_period
+    for i, kind in enumerate(c.layer_kinds):
+        base = ("layers", f"layer_{i % p}")
+        pre = f"model.layers.{i}."
+
+        def slot(*path, shape, _base=base, _g=i // p):
+            return Slot(_base + path, _g, shape)
+
+        entries += [
+            _entry(
+                pre + "input_layernorm.weight",
+                (d,),
+                [slot("input_layernorm", "scale", shape=(d,))],
+                _identity,
+            ),
+            _entry(
+                pre + "post_attention_layernorm.weight",
+                (d,),
+                [slot("post_attention_layernorm", "scale", shape=(d,))],
+                _identity,
+            ),
+            _entry(
+                pre + "self_attn.q_proj.weight",
+                (n * h, d),
+                [slot("self_attn", "q_proj", shape=(d, n, h))],
+                _linear,
+            ),
+            _entry(
+                pre + "self_attn.k_proj.weight",
+                (k * h, d),
+                [slot("self_attn", "k_proj", shape=(d, k, h))],
+                _linear,
+            ),
+            _entry(
+                pre + "self_attn.v_proj.weight",
+                (k * h, d),
+                [slot("self_attn", "v_proj", shape=(d, k, h))],
+                _linear,
+            ),
+            _entry(
+                pre + "self_attn.o_proj.weight",
+                (d, n * h),
+                [slot("self_attn", "o_proj", shape=(n, h, d))],
+                _linear,
+            ),
+        ]
+        ff = pre + "feed_forward."
+        if kind.is_moe:
+            e, f = c.num_local_experts, c.intermediate_size
+            entries += [
+                _entry(
+                    ff + "router.weight",
+                    (e, d),
+                    [slot("feed_forward", "router", shape=(d, e))],
+                    _linear,
+                ),
+                _entry(
+                    ff + "experts.gate_up_proj",
+                    (e, d, 2 * f),
+                    [
+                        slot("feed_forward", "gate_proj", shape=(e, d, f)),
+                        slot("feed_forward", "up_proj", shape=(e, d, f)),
+                    ],
+                    _gate_up,
+                ),
+                _entry(
+                    ff + "experts.down_proj",
+                    (e, f, d),
+                    [slot("feed_forward", "down_proj", shape=(e, f, d))],
+                    _identity,
+                ),
+            ]
+            mlp_pre, mlp_path, hidden = ff + "shared_expert.", ("feed_forward", "shared_expert"), f
+        else:
+            mlp_pre, mlp_path, hidden = ff, ("feed_forward",), c.intermediate_size_mlp
+        entries += [
+            _entry(
+                mlp_pre + "gate_proj.weight",
+                (hidden, d),
+                [slot(*mlp_path, "gate_proj", shape=(d, hidden))],
+                _linear,
+            ),
+            _entry(
+                mlp_pre + "up_proj.weight",
+                (hidden, d),
+                [slot(*mlp_path, "up_proj", shape=(d, hidden))],
+                _linear,
+            ),
+            _entry(
+                mlp_pre + "down_proj.weight",
+                (d, hidden),
+                [slot(*mlp_path, "down_proj", shape=(hidden, d))],
+                _linear,
+            ),
+        ]
+    entries.append(
+        _entry("model.norm.weight", (d,), [Slot(("norm", "scale"), None, (d,))], _identity)
+    )
+    if not c.tie_word_embeddings:
+        entries.append(
+            _entry("lm_head.weight", (v, d), [Slot(("lm_head",), None, (d, v))], _linear)
+        )
+    return entries
+
+
+def param_shapes(config: Llama4Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Full shapes of every l4jax parameter (scanned ones with their leading group axis)."""
+    groups = config.num_hidden_layers // config.scan_period
+    shapes = {}
+    for entry in hf_entries(config):
+        for s in entry.slots:
+            shapes[s.path] = s.shape if s.group is None else (groups, *s.shape)
+    return shapes
+
+
+def check_source(source: TensorSource, config: Llama4Config, entries: list[Entry]) -> None:
+    """Missing, unexpected or misshapen tensors -> CheckpointError naming the tensor and file."""
+    expected = {e.hf_key: e.hf_shape for e in entries}
+    present = set(source.keys())
+    missing = [key for key in expected if key not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"missing tensor {missing[0]!r}{more}: the checkpoint does not match its config"
+        )
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{source.location(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more} "
+            "for this config"
+        )
+    for key, shape in expected.items():
+        got = tuple(source.shape(key))
+        if got != shape:
+            raise CheckpointError(
+                f"{source.location(key)}: tensor {key!r} has shape {got}, config expects {shape}"
+            )
+
+
+def iter_slices(
+    source: TensorSource, entries: list[Entry], dtype: Any = None
+) -> Iterator[tuple[Slot, np.ndarray]]:
+    """Read each HF tensor once, yield every l4jax slot it fills, cast to `dtype` if given."""
+    for entry in entries:
+        for slot, array in zip(entry.slots, entry.split(source.get(entry.hf_key))):
+            yield slot, (array if dtype is None else array.astype(dtype))
+
+
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: dict, path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree

@@ -1,0 +1,304 @@
+"""Llama 4 text model, functional Flax Linen.
+
+    h   = x + Attention(RMSNorm_in(x))
+    out = h + FFN(RMSNorm_post(h))        # FFN = MoE on MoE layers, dense SwiGLU otherwise
+
+The decoder is one `nn.scan` over groups of `config.scan_period` layers (4 for Scout and
+Maverick: three RoPE/chunked layers and one NoPE/global layer), so compile time does not grow
+with depth. Every parameter carries logical axis names; `sharding/rules.py` maps them to a mesh.
+Shapes are in names: B batch, T query length, S key length, D hidden, N query heads,
+K kv heads, G queries per kv head, H head_dim, E experts, F expert hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l4jax import moe
+from l4jax.config import LayerKind, Llama4Config
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+# logical axes of activations, constrained at layer boundaries (no-ops without rules)
+ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
+    cfg: Llama4Config = module.config
+    boxed = nn.with_logical_partitioning(init, axes)
+    return module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
+
+
+def _fan_in_init(fan_in: int):
+    return nn.initializers.truncated_normal(stddev=fan_in**-0.5)
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    """x * rsqrt(mean(x^2) + eps), computed in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    config: Llama4Config
+
+    @nn.compact
+    def __call__(self, x_btd: Array) -> Array:
+        scale = _param(self, "scale", (x_btd.shape[-1],), ("norm",), nn.initializers.ones)
+        return rms_normalize(x_btd, self.config.rms_norm_eps) * scale.astype(x_btd.dtype)
+
+
+# ---- positions: RoPE, temperature tuning, masks --------------------------------------------
+
+
+def rope_angles(config: Llama4Config, positions_bt: Array) -> tuple[Array, Array]:
+    """cos, sin [B, T, H/2] in fp32 for interleaved (complex-pair) RoPE."""
+    inv_freq = jnp.asarray(config.rope_inv_freq())  # [H/2] fp32, llama3-scaled
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_btnh: Array, cos_bth: Array, sin_bth: Array) -> Array:
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle; fp32 math, x's dtype out."""
+    x = x_btnh.astype(jnp.float32).reshape(*x_btnh.shape[:-1], -1, 2)
+    re, im = x[..., 0], x[..., 1]
+    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x_btnh.shape).astype(x_btnh.dtype)
+
+
+def temperature_scale(config: Llama4Config, positions_bt: Array) -> Array:
+    """NoPE-layer query scale log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1, fp32."""
+    pos = positions_bt.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((pos + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
+
+
+def attention_mask(
+    q_positions_bt: Array,
+    k_positions_bs: Array,
+    q_segments_bt: Array,
+    k_segments_bs: Array,
+    chunk_size: int | None,
+) -> Array:
+    """[B, T, S] bool: causal by position, within one segment, and within one chunk if chunked.
+
+    Positions are absolute and increase along each packed segment, so "causal by position within
+    a segment" is plain causal attention for unpacked input and packing-safe otherwise.
+    """
+    qp, kp = q_positions_bt[:, :, None], k_positions_bs[:, None, :]
+    mask = (kp <= qp) & (q_segments_bt[:, :, None] == k_segments_bs[:, None, :])
+    if chunk_size is not None:
+        mask &= (kp // chunk_size) == (qp // chunk_size)
+    return mask
+
+
+def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
+    """GQA attention: kv head j serves query heads j*G .. j*G+G-1; softmax in fp32."""
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out.reshape(b, t, n, h)
+
+
+# ---- modules -------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    config: Llama4Config
+    kind: LayerKind
+
+    @nn.compact
+    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope) -> Array:
+        cfg = self.config
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        init = _fan_in_init(d)
+        wq = _param(self, "q_proj", (d, n, h), ("embed", "q_heads", "head_dim"), init)
+        wk = _param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wo = _param(
+            self, "o_proj", (n, h, d), ("q_heads", "head_dim", "embed"), _fan_in_init(n * h)
+        )
+        dtype = x_btd.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dtype))
+        k_ = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dtype))
+        v = jnp.einsum("btd,dkh->btkh", x_btd, wv.astype(dtype))
+        if self.kind.use_rope:
+            q, k_ = apply_rope(q, *rope), apply_rope(k_, *rope)
+            if cfg.use_qk_norm:  # weightless, after RoPE, RoPE layers only
+                q, k_ = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k_, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            scale_bt = temperature_scale(cfg, positions_bt)
+            q = (q.astype(jnp.float32) * scale_bt[:, :, None, None]).astype(dtype)
+        chunk = cfg.attention_chunk_size if self.kind.chunked else None
+        mask = attention_mask(positions_bt, positions_bt, segments_bt, segments_bt, chunk)
+        out = dot_product_attention(q, k_, v, mask)
+        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward (dense layers, and the MoE's shared expert)."""
+
+    config: Llama4Config
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d, f = self.config.hidden_size, self.hidden
+        gate = _param(self, "gate_proj", (d, f), ("embed", "mlp"), _fan_in_init(d))
+        up = _param(self, "up_proj", (d, f), ("embed", "mlp"), _fan_in_init(d))
+        down = _param(self, "down_proj", (f, d), ("mlp", "embed"), _fan_in_init(f))
+        return moe.swiglu_ffn(x, gate.astype(x.dtype), up.astype(x.dtype), down.astype(x.dtype))
+
+
+class MoE(nn.Module):
+    """Router + routed experts (backend `config.moe_impl`) + always-on shared expert."""
+
+    config: Llama4Config
+
+    @nn.compact
+    def __call__(self, x_btd: Array) -> Array:
+        cfg = self.config
+        d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
+        dtype = x_btd.dtype
+        router = _param(self, "router", (d, e), ("embed", "router_experts"), _fan_in_init(d))
+        weights = moe.ExpertWeights(
+            _param(self, "gate_proj", (e, d, f), ("expert", "embed", "mlp"), _fan_in_init(d)),
+            _param(self, "up_proj", (e, d, f), ("expert", "embed", "mlp"), _fan_in_init(d)),
+            _param(self, "down_proj", (e, f, d), ("expert", "mlp", "embed"), _fan_in_init(f)),
+        )
+        weights = moe.ExpertWeights(*(w.astype(dtype) for w in weights))
+        x_td = x_btd.reshape(-1, d)
+        routing = moe.route(x_td, router.astype(dtype), cfg.num_experts_per_tok)
+        self.sow("intermediates", "tokens_per_expert", routing.tokens_per_expert)
+        routed_td = moe.routed_experts(
+            cfg.moe_impl, x_td, routing.expert_ids_tk, routing.scores_tk, weights
+        )
+        shared_td = MLP(cfg, f, name="shared_expert")(x_td)
+        return (shared_td + routed_td).reshape(x_btd.shape)
+
+
+class DecoderLayer(nn.Module):
+    config: Llama4Config
+    kind: LayerKind
+
+    @nn.compact
+    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope) -> Array:
+        cfg = self.config
+        attn_in = RMSNorm(cfg, name="input_layernorm")(x_btd)
+        h = x_btd + Attention(cfg, self.kind, name="self_attn")(
+            attn_in, positions_bt, segments_bt, rope
+        )
+        h = nn.with_logical_constraint(h, ACT_BTD)
+        ffn_in = RMSNorm(cfg, name="post_attention_layernorm")(h)
+        if self.kind.is_moe:
+            ffn = MoE(cfg, name="feed_forward")
+        else:
+            ffn = MLP(cfg, cfg.intermediate_size_mlp, name="feed_forward")
+        return nn.with_logical_constraint(h + ffn(ffn_in), ACT_BTD)
+
+
+class DecoderGroup(nn.Module):
+    """`scan_period` consecutive layers; the body of the layer scan."""
+
+    config: Llama4Config
+
+    @nn.compact
+    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope):
+        kinds = self.config.layer_kinds[: self.config.scan_period]
+        for slot, kind in enumerate(kinds):
+            layer = DecoderLayer(self.config, kind, name=f"layer_{slot}")
+            x_btd = layer(x_btd, positions_bt, segments_bt, rope)
+        return x_btd, None
+
+
+def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
+    """DecoderGroup, remat-wrapped by policy, scanned over num_hidden_layers // scan_period."""
+    body = DecoderGroup
+    if config.remat_policy != "none":
+        body = nn.remat(body, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    return nn.scan(
+        body,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=config.num_hidden_layers // config.scan_period,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Llama4ForCausalLM(nn.Module):
+    """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+    `positions` [B, T] (default 0..T-1) are absolute positions; `segment_ids` [B, T] (default
+    all ones) separate packed sequences, which never attend to each other.
+    """
+
+    config: Llama4Config
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_bt: Array,
+        positions_bt: Array | None = None,
+        segment_ids_bt: Array | None = None,
+    ) -> Array:
+        cfg = self.config
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        d, v = cfg.hidden_size, cfg.vocab_size
+        embed = _param(
+            self, "embed_tokens", (v, d), ("vocab", "embed"), nn.initializers.normal(1.0)
+        )
+        x = jnp.take(embed, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = nn.with_logical_constraint(x, ACT_BTD)
+        rope = rope_angles(cfg, positions_bt)
+        x, _ = scanned_decoder(cfg)(cfg, name="layers")(x, positions_bt, segment_ids_bt, rope)
+        x = RMSNorm(cfg, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            head_dv = embed.T
+        else:
+            head_dv = _param(self, "lm_head", (d, v), ("embed", "vocab"), _fan_in_init(d))
+        return jnp.einsum(
+            "btd,dv->btv", x, head_dv.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def init_params(config: Llama4Config, rng: Array | int = 0, seq_len: int = 8) -> dict[str, Any]:
+    """Random parameters (plain arrays, no partitioning boxes) for `config`."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    model = Llama4ForCausalLM(config)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.unbox(jax.jit(model.init)(rng, tokens)["params"])
+
+
+def param_logical_axes(config: Llama4Config) -> dict[str, Any]:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    model = Llama4ForCausalLM(config)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
