@@ -7,7 +7,7 @@ import logging
 import sys
 
 from l4jax.config import PRESETS
-from l4jax.errors import CheckpointError, ConfigError
+from l4jax.errors import CheckpointError, ConfigError, ImageError
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -28,10 +28,27 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from l4jax.verify import report, verify
+    from l4jax.verify import reference_name, report, verify
 
-    print(f"l4jax verify {args.src}: logits against transformers, {args.tokens} tokens")
+    reference = reference_name(args.src)
+    print(f"l4jax verify {args.src}: logits against {reference}, {args.tokens} tokens")
     return 0 if report(verify(args.src, tokens=args.tokens)) else 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import signal
+
+    from l4jax.convert.convert import convert_checkpoint
+
+    # a terminated conversion unwinds like Ctrl-C: its partial directory is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    r = convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype)
+    print(
+        f"l4jax convert: {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}, {r.dtype}): "
+        f"{r.tensors} tensors, {r.nbytes / 1e9:.2f} GB in {r.seconds:.1f} s "
+        f"({r.mb_per_s:,.0f} MB/s)"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_check)
 
-    p = sub.add_parser("verify", help="a Hugging Face checkpoint in transformers vs l4jax")
-    p.add_argument("src", help="checkpoint directory")
+    p = sub.add_parser("verify", help="a checkpoint in its PyTorch reference vs l4jax: logits")
+    p.add_argument("src", help="checkpoint directory (Hugging Face, Meta or l4jax)")
     p.add_argument("--tokens", type=int, default=128)
     p.set_defaults(run=_verify)
+
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint (Hugging Face, Meta, l4jax) to l4jax or HF, streaming"
+    )
+    p.add_argument("src", help="checkpoint directory; its format is detected")
+    p.add_argument("dst", help="new directory (must not exist)")
+    p.add_argument("--to", default="l4jax", choices=("l4jax", "hf"), help="format of DST")
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), help="stored dtype (default: the source's)"
+    )
+    p.set_defaults(run=_convert)
+
+    from l4jax.train import add_train_arguments, run_cli
+
+    p = sub.add_parser("train", help="train a preset/config on text (default: the demo MoE)")
+    add_train_arguments(p)
+    p.set_defaults(run=run_cli)
+
+    from l4jax.generate import add_generation_arguments, run_chat_cli, run_generate_cli
+
+    p = sub.add_parser("generate", help="generate text (checkpoint or random preset), streaming")
+    add_generation_arguments(p, chat=False)
+    p.set_defaults(run=run_generate_cli)
+
+    p = sub.add_parser("chat", help="chat interactively on stdin (checkpoint or random preset)")
+    add_generation_arguments(p, chat=True)
+    p.set_defaults(run=run_chat_cli)
     return parser
 
 
@@ -61,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ImageError, FileNotFoundError) as e:
         print(f"l4jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

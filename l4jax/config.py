@@ -18,7 +18,7 @@ import numpy as np
 
 from l4jax.errors import ConfigError
 
-MOE_IMPLS = ("ragged_dot", "pallas", "dense")
+MOE_IMPLS = ("ragged_dot", "pallas", "dense", "gather")  # gather: decoding only
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its config (names the file and tensor)."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used, or images that do not fit the prompt (names the
+    file or input at fault)."""

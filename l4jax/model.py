@@ -12,6 +12,7 @@ K kv heads, G queries per kv head, H head_dim, E experts, F expert hidden, V voc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -117,6 +118,59 @@ def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts:
     return out.reshape(b, t, n, h)
 
 
+# ---- KV cache (l4jax.generate): one {"k", "v"} [B, S, K, H] pair per layer ------------------
+# Index i (the i-th token of a left-padded row) lives in slot i % S. Full caches have S >= every
+# index; chunked layers only ever look back inside the current chunk, so S = attention_chunk_size
+# (a ring) suffices. The position of a cached key is recovered from the query's position.
+
+KV_CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+
+
+def cache_slot_indices(cache_len: int, end: Array) -> Array:
+    """[S] index held by each slot once indices 0..end-1 were written (slot = index % S), or -1."""
+    slot = jnp.arange(cache_len, dtype=jnp.int32)
+    last = end - 1 - slot
+    return jnp.where(last >= 0, slot + cache_len * (last // cache_len), -1)
+
+
+def fill_cache(cache_bskh: Array, new_btkh: Array) -> Array:
+    """Prefill: store a block written from index 0, keeping its last S entries at index % S."""
+    s, t = cache_bskh.shape[1], new_btkh.shape[1]
+    new_btkh = new_btkh.astype(cache_bskh.dtype)
+    if t <= s:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bskh, new_btkh, 0, axis=1)
+    return jnp.roll(new_btkh[:, t - s :], (t - s) % s, axis=1)  # entry j -> slot (t-s+j) % s
+
+
+def decode_attention(
+    q_b1nh: Array,
+    k_b1kh: Array,
+    v_b1kh: Array,
+    cache: dict[str, Array],
+    cache_index: Array,
+    positions_b1: Array,
+    chunk_size: int | None,
+) -> tuple[Array, dict[str, Array]]:
+    """One decode step: write k, v at slot `cache_index % S`, then attend over the cache.
+
+    A slot holding index i has position `q_pos - (cache_index - i)`; negative positions are the
+    row's left padding and, like never-written slots, are masked out.
+    """
+    k_cache, v_cache = cache["k"], cache["v"]
+    s = k_cache.shape[1]
+    slot = cache_index % s
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_b1kh.astype(k_cache.dtype), slot, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_b1kh.astype(v_cache.dtype), slot, 1)
+    index_s = cache_slot_indices(s, cache_index + 1)
+    k_positions_bs = positions_b1 - (cache_index - index_s)[None, :]
+    valid_bs = ((index_s >= 0)[None, :] & (k_positions_bs >= 0)).astype(jnp.int32)
+    q_segments_b1 = jnp.ones_like(positions_b1, jnp.int32)
+    mask = attention_mask(positions_b1, k_positions_bs, q_segments_b1, valid_bs, chunk_size)
+    dtype = q_b1nh.dtype
+    out = dot_product_attention(q_b1nh, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+    return out, {"k": k_cache, "v": v_cache}
+
+
 # ---- modules -------------------------------------------------------------------------------
 
 
@@ -125,7 +179,20 @@ class Attention(nn.Module):
     kind: LayerKind
 
     @nn.compact
-    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope) -> Array:
+    def __call__(
+        self,
+        x_btd: Array,
+        positions_bt: Array,
+        segments_bt: Array,
+        rope,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+    ) -> Array | tuple[Array, dict[str, Array]]:
+        """-> out [B, T, D]; with a `cache`, (out, updated cache).
+
+        `cache` without `cache_index`: prefill (attend within the block, store it from index 0);
+        with `cache_index`: one decode step (T == 1) at that index.
+        """
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         init = _fan_in_init(d)
@@ -147,9 +214,19 @@ class Attention(nn.Module):
             scale_bt = temperature_scale(cfg, positions_bt)
             q = (q.astype(jnp.float32) * scale_bt[:, :, None, None]).astype(dtype)
         chunk = cfg.attention_chunk_size if self.kind.chunked else None
-        mask = attention_mask(positions_bt, positions_bt, segments_bt, segments_bt, chunk)
-        out = dot_product_attention(q, k_, v, mask)
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+        if cache is not None and cache_index is not None:
+            out, cache = decode_attention(q, k_, v, cache, cache_index, positions_bt, chunk)
+        else:
+            mask = attention_mask(positions_bt, positions_bt, segments_bt, segments_bt, chunk)
+            out = dot_product_attention(q, k_, v, mask)
+            if cache is not None:
+                cache = {"k": fill_cache(cache["k"], k_), "v": fill_cache(cache["v"], v)}
+        out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+        if cache is None:
+            return out
+        return out, {
+            name: nn.with_logical_constraint(c, KV_CACHE_AXES) for name, c in cache.items()
+        }
 
 
 class MLP(nn.Module):
@@ -165,6 +242,20 @@ class MLP(nn.Module):
         up = _param(self, "up_proj", (d, f), ("embed", "mlp"), _fan_in_init(d))
         down = _param(self, "down_proj", (f, d), ("mlp", "embed"), _fan_in_init(f))
         return moe.swiglu_ffn(x, gate.astype(x.dtype), up.astype(x.dtype), down.astype(x.dtype))
+
+
+def router_z_loss(logits_te: Array) -> Array:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(router logits)^2, fp32."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te.astype(jnp.float32), axis=-1)))
+
+
+def load_balance_loss(routing: moe.Routing) -> Array:
+    """Switch load-balance loss E * sum_e f_e * p_e: f_e the fraction of routed (token, expert)
+    pairs sent to e, p_e the mean softmax router probability of e (1.0 when uniform)."""
+    counts_e = routing.tokens_per_expert.astype(jnp.float32)
+    f_e = counts_e / jnp.maximum(counts_e.sum(), 1.0)
+    p_e = jnp.mean(jax.nn.softmax(routing.logits_te.astype(jnp.float32), axis=-1), axis=0)
+    return counts_e.shape[0] * jnp.sum(f_e * p_e)
 
 
 class MoE(nn.Module):
@@ -185,11 +276,14 @@ class MoE(nn.Module):
         )
         weights = moe.ExpertWeights(*(w.astype(dtype) for w in weights))
         x_td = x_btd.reshape(-1, d)
-        routing = moe.route(x_td, router.astype(dtype), cfg.num_experts_per_tok)
-        self.sow("intermediates", "tokens_per_expert", routing.tokens_per_expert)
-        routed_td = moe.routed_experts(
-            cfg.moe_impl, x_td, routing.expert_ids_tk, routing.scores_tk, weights
+        dispatch = moe.current_dispatch()  # one device, or expert-parallel on the ambient mesh
+        routed_td, routing = dispatch(
+            cfg.moe_impl, x_td, router.astype(dtype), cfg.num_experts_per_tok, weights
         )
+        self.sow("intermediates", "tokens_per_expert", routing.tokens_per_expert)
+        if self.is_mutable_collection("losses"):  # optional router losses (l4jax.train)
+            self.sow("losses", "router_z_loss", router_z_loss(routing.logits_te))
+            self.sow("losses", "load_balance_loss", load_balance_loss(routing))
         shared_td = MLP(cfg, f, name="shared_expert")(x_td)
         return (shared_td + routed_td).reshape(x_btd.shape)
 
@@ -199,19 +293,31 @@ class DecoderLayer(nn.Module):
     kind: LayerKind
 
     @nn.compact
-    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope) -> Array:
+    def __call__(
+        self,
+        x_btd: Array,
+        positions_bt: Array,
+        segments_bt: Array,
+        rope,
+        cache=None,
+        cache_index=None,
+    ):
+        """-> x [B, T, D]; with a KV `cache`, (x, updated cache) (see `Attention`)."""
         cfg = self.config
         attn_in = RMSNorm(cfg, name="input_layernorm")(x_btd)
-        h = x_btd + Attention(cfg, self.kind, name="self_attn")(
-            attn_in, positions_bt, segments_bt, rope
+        attn = Attention(cfg, self.kind, name="self_attn")(
+            attn_in, positions_bt, segments_bt, rope, cache, cache_index
         )
-        h = nn.with_logical_constraint(h, ACT_BTD)
+        if cache is not None:
+            attn, cache = attn
+        h = nn.with_logical_constraint(x_btd + attn, ACT_BTD)
         ffn_in = RMSNorm(cfg, name="post_attention_layernorm")(h)
         if self.kind.is_moe:
             ffn = MoE(cfg, name="feed_forward")
         else:
             ffn = MLP(cfg, cfg.intermediate_size_mlp, name="feed_forward")
-        return nn.with_logical_constraint(h + ffn(ffn_in), ACT_BTD)
+        out = nn.with_logical_constraint(h + ffn(ffn_in), ACT_BTD)
+        return out if cache is None else (out, cache)
 
 
 class DecoderGroup(nn.Module):
@@ -220,12 +326,28 @@ class DecoderGroup(nn.Module):
     config: Llama4Config
 
     @nn.compact
-    def __call__(self, x_btd: Array, positions_bt: Array, segments_bt: Array, rope):
+    def __call__(
+        self,
+        x_btd: Array,
+        positions_bt: Array,
+        segments_bt: Array,
+        rope,
+        cache=None,
+        cache_index=None,
+    ):
+        """-> (x, None), or (x, this group's updated KV cache {"layer_{slot}": ...})."""
         kinds = self.config.layer_kinds[: self.config.scan_period]
+        new_cache = None if cache is None else {}
         for slot, kind in enumerate(kinds):
-            layer = DecoderLayer(self.config, kind, name=f"layer_{slot}")
-            x_btd = layer(x_btd, positions_bt, segments_bt, rope)
-        return x_btd, None
+            name = f"layer_{slot}"
+            layer = DecoderLayer(self.config, kind, name=name)
+            if cache is None:
+                x_btd = layer(x_btd, positions_bt, segments_bt, rope)
+            else:
+                x_btd, new_cache[name] = layer(
+                    x_btd, positions_bt, segments_bt, rope, cache[name], cache_index
+                )
+        return x_btd, new_cache
 
 
 def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
@@ -235,9 +357,9 @@ def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
         body = nn.remat(body, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     return nn.scan(
         body,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "losses": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),  # cache per group
         length=config.num_hidden_layers // config.scan_period,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -248,6 +370,10 @@ class Llama4ForCausalLM(nn.Module):
 
     `positions` [B, T] (default 0..T-1) are absolute positions; `segment_ids` [B, T] (default
     all ones) separate packed sequences, which never attend to each other.
+
+    With a KV `cache` (`l4jax.generate.init_cache`) the call returns `(logits, cache)`: without
+    `cache_index` it is the prefill of a fresh cache (the block is stored from index 0), with
+    `cache_index` [] int32 it is one decode step (T == 1) writing that index.
     """
 
     config: Llama4Config
@@ -258,9 +384,14 @@ class Llama4ForCausalLM(nn.Module):
         tokens_bt: Array,
         positions_bt: Array | None = None,
         segment_ids_bt: Array | None = None,
-    ) -> Array:
+        cache: dict[str, Any] | None = None,
+        cache_index: Array | None = None,
+        merge_embeds: Callable[[Array], Array] | None = None,
+    ) -> Array | tuple[Array, dict[str, Any]]:
         cfg = self.config
         b, t = tokens_bt.shape
+        if cache_index is not None and (cache is None or t != 1):
+            raise ValueError(f"cache_index needs a cache and one token per row, got T={t}")
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_bt is None:
@@ -270,17 +401,22 @@ class Llama4ForCausalLM(nn.Module):
             self, "embed_tokens", (v, d), ("vocab", "embed"), nn.initializers.normal(1.0)
         )
         x = jnp.take(embed, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+        if merge_embeds is not None:  # e.g. image features replace <|patch|> embeddings
+            x = merge_embeds(x)
         x = nn.with_logical_constraint(x, ACT_BTD)
         rope = rope_angles(cfg, positions_bt)
-        x, _ = scanned_decoder(cfg)(cfg, name="layers")(x, positions_bt, segment_ids_bt, rope)
+        x, cache = scanned_decoder(cfg)(cfg, name="layers")(
+            x, positions_bt, segment_ids_bt, rope, cache, cache_index
+        )
         x = RMSNorm(cfg, name="norm")(x)
         if cfg.tie_word_embeddings:
             head_dv = embed.T
         else:
             head_dv = _param(self, "lm_head", (d, v), ("embed", "vocab"), _fan_in_init(d))
-        return jnp.einsum(
+        logits = jnp.einsum(
             "btd,dv->btv", x, head_dv.astype(x.dtype), preferred_element_type=jnp.float32
         )
+        return logits if cache is None else (logits, cache)
 
 
 def init_params(config: Llama4Config, rng: Array | int = 0, seq_len: int = 8) -> dict[str, Any]:

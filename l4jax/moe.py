@@ -6,26 +6,40 @@
     y_td = sum_k Expert_{top_i}(score * x_td)          # the score scales the expert INPUT
     out_td = SharedExpert(x_td) + y_td
 
-A backend computes the routed term `y_td` from `(x_td, expert_ids_tk, scores_tk, weights)`:
+A backend computes the routed term `y_td` from `(x_td, expert_ids_tk, scores_tk, weights)`
+(`config.moe_impl`):
 - `ragged_dot`: dropless sort-based dispatch: the T*k (token, expert) pairs are sorted by
-  expert, the three expert matmuls are grouped matmuls (`jax.lax.ragged_dot`), and the outputs
-  are gathered back into token order.
-- `pallas`: the same dispatch with l4jax's own Pallas grouped-matmul kernel.
+  expert, the three expert matmuls are grouped matmuls, and the outputs are scattered back into
+  token order. The grouped matmul is `jax.lax.ragged_dot` on TPU/GPU; on CPU, where XLA lowers
+  ragged_dot to a dense masked matmul over every expert, it is `kernels.chunked_gmm` (a loop
+  over row chunks of one expert each, work proportional to the routed rows).
+- `pallas`: the same dispatch with l4jax's own Pallas kernels: `gmm_swiglu` (gate and up
+  projections and SiLU in one pass) and `gmm` (down projection).
 - `dense`: every expert on every token with a zero score for unselected ones, as the PyTorch
   references do. E times the work: an oracle for tests, never for real runs.
+- `gather`: each (token, expert) pair gathers its expert's weights; reads T*k experts instead
+  of E. For decode steps (`l4jax.generate` uses it while batch * k < E), never for long inputs.
+
+Where the routed term runs is a `Dispatch`: `routed_experts` computes it on one device; the
+`sharding` package installs an expert-parallel dispatch (`set_mesh_dispatch`) that the MoE layer
+picks up from the ambient mesh (`current_dispatch`), so this module never imports `sharding`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh
 
 Array = jax.Array
 # grouped matmul: (lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]
 GroupedMatmul = Callable[[Array, Array, Array], Array]
+# grouped SwiGLU: (x [M, D], gate [G, D, F], up [G, D, F], group_sizes [G]) -> [M, F]
+GroupedSwiglu = Callable[[Array, Array, Array, Array], Array]
 
 
 class ExpertWeights(NamedTuple):
@@ -43,11 +57,20 @@ class Routing(NamedTuple):
 
 def route(x_td: Array, router_de: Array, top_k: int) -> Routing:
     """Top-k of the raw router logits, then a sigmoid of the chosen logits (fp32)."""
-    num_experts = router_de.shape[-1]
     logits_te = jnp.einsum("td,de->te", x_td, router_de, preferred_element_type=jnp.float32)
     top_v, top_i = jax.lax.top_k(logits_te, top_k)
-    counts_e = jnp.bincount(top_i.reshape(-1), length=num_experts).astype(jnp.int32)
-    return Routing(top_i.astype(jnp.int32), jax.nn.sigmoid(top_v), counts_e, logits_te)
+    top_i = top_i.astype(jnp.int32)
+    counts_e = expert_counts(top_i, router_de.shape[-1])
+    return Routing(top_i, jax.nn.sigmoid(top_v), counts_e, logits_te)
+
+
+def expert_counts(expert_ids_tk: Array, num_experts: int, valid_t: Array | None = None) -> Array:
+    """[E] int32: (token, expert) pairs routed to each expert, counting only `valid_t` tokens."""
+    weights = (
+        None if valid_t is None else jnp.repeat(valid_t.astype(jnp.int32), expert_ids_tk.shape[1])
+    )
+    counts = jnp.bincount(expert_ids_tk.reshape(-1), weights, length=num_experts)
+    return counts.astype(jnp.int32)
 
 
 def swiglu_ffn(x, gate, up, down):
@@ -59,25 +82,60 @@ def swiglu_ffn(x, gate, up, down):
 # ---- sort-based dropless dispatch ------------------------------------------------------------
 
 
+class GroupedOps(NamedTuple):
+    """The grouped matmuls of one backend (rows sorted by expert, `group_sizes [G]` int32)."""
+
+    matmul: GroupedMatmul  # (lhs [M, K], rhs [G, K, N], group_sizes) -> [M, N]
+    swiglu: GroupedSwiglu  # (x [M, D], gate [G, D, F], up [G, D, F], group_sizes) -> [M, F]
+
+
 def sorted_experts(
-    x_td: Array, expert_ids_tk: Array, scores_tk: Array, w: ExpertWeights, gmm: GroupedMatmul
+    x_td: Array,
+    expert_ids_tk: Array,
+    scores_tk: Array,
+    w: ExpertWeights,
+    ops: GroupedOps,
+    expert_offset: Array | int = 0,
 ) -> Array:
-    """Dropless routed experts: sort (token, expert) pairs by expert, grouped matmuls, unsort."""
+    """Dropless routed experts: sort (token, expert) pairs by expert, grouped matmuls, unsort.
+
+    `w` holds experts `expert_offset .. expert_offset + E_local - 1` (all of them on one
+    device; one shard under expert parallelism). Pairs routed to other experts sort last, past
+    `sum(group_sizes)`, where the grouped matmuls give zeros: they add nothing here.
+    """
     t, k = expert_ids_tk.shape
-    num_experts = w.gate_edf.shape[0]
-    flat_e = expert_ids_tk.reshape(t * k)
-    order = jnp.argsort(flat_e, stable=True)  # [T*k] pair index, sorted by expert
-    group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+    num_local = w.gate_edf.shape[0]
+    local_m = expert_ids_tk.reshape(t * k) - expert_offset
+    key_m = jnp.where((local_m >= 0) & (local_m < num_local), local_m, num_local)
+    order = jnp.argsort(key_m, stable=True)  # [T*k] pair index, sorted by expert
+    group_sizes = jnp.bincount(key_m, length=num_local + 1)[:num_local].astype(jnp.int32)
     scores_m = scores_tk.reshape(t * k)[order].astype(x_td.dtype)
     x_md = x_td[order // k] * scores_m[:, None]  # [T*k, D] expert inputs, grouped
-    h_mf = jax.nn.silu(gmm(x_md, w.gate_edf, group_sizes)) * gmm(x_md, w.up_edf, group_sizes)
-    y_md = gmm(h_mf, w.down_efd, group_sizes)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
-    return y_md[inverse].reshape(t, k, -1).sum(axis=1)
+    h_mf = ops.swiglu(x_md, w.gate_edf, w.up_edf, group_sizes)
+    y_md = ops.matmul(h_mf, w.down_efd, group_sizes)
+    y_pairs = jnp.zeros_like(y_md).at[order].set(y_md, unique_indices=True)
+    return y_pairs.reshape(t, k, -1).sum(axis=1)
 
 
-def _ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+def unfused_swiglu(matmul: GroupedMatmul) -> GroupedSwiglu:
+    def swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> Array:
+        return jax.nn.silu(matmul(x_md, gate, group_sizes)) * matmul(x_md, up, group_sizes)
+
+    return swiglu
+
+
+def _native_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+
+
+def xla_grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """`jax.lax.ragged_dot`, except on CPU: XLA:CPU lowers ragged_dot to a dense masked matmul
+    over every group (G times the work), so there the chunk loop `chunked_gmm` runs instead."""
+    from l4jax.kernels.chunked_gmm import chunked_gmm  # lazily, like the Pallas kernels
+
+    return jax.lax.platform_dependent(
+        lhs, rhs, group_sizes, cpu=chunked_gmm, default=_native_ragged_dot
+    )
 
 
 def _pallas_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
@@ -86,30 +144,132 @@ def _pallas_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     return gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
+def _pallas_swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> Array:
+    from l4jax.kernels import gmm_swiglu  # gate and up in one pass, SiLU before the store
+
+    return gmm_swiglu(x_md, gate, up, group_sizes, preferred_element_type=x_md.dtype)
+
+
+XLA_OPS = GroupedOps(xla_grouped_matmul, unfused_swiglu(xla_grouped_matmul))
+PALLAS_OPS = GroupedOps(_pallas_gmm, _pallas_swiglu)
+
+
+# ---- per-pair gather (decoding) ---------------------------------------------------------------
+
+
+def gathered_experts(
+    x_td: Array,
+    expert_ids_tk: Array,
+    scores_tk: Array,
+    w: ExpertWeights,
+    expert_offset: Array | int = 0,
+) -> Array:
+    """Each (token, expert) pair gathers its own expert's weights: T*k expert reads, not E.
+
+    For decoding (T*k below E: `l4jax.generate` picks it then), where the step is bound by
+    reading weights; it copies T*k expert matrices, so never use it for long inputs.
+    """
+    t, k = expert_ids_tk.shape
+    num_local = w.gate_edf.shape[0]
+    local_m = expert_ids_tk.reshape(t * k) - expert_offset
+    valid_m = (local_m >= 0) & (local_m < num_local)
+    local_m = jnp.where(valid_m, local_m, 0)
+    scores_m = jnp.where(valid_m, scores_tk.reshape(t * k), 0).astype(x_td.dtype)
+    x_md = jnp.repeat(x_td, k, axis=0) * scores_m[:, None]
+    gate = jnp.einsum("md,mdf->mf", x_md, w.gate_edf[local_m])
+    up = jnp.einsum("md,mdf->mf", x_md, w.up_edf[local_m])
+    y_md = jnp.einsum("mf,mfd->md", jax.nn.silu(gate) * up, w.down_efd[local_m])
+    return y_md.reshape(t, k, -1).sum(axis=1)
+
+
 # ---- dense oracle ------------------------------------------------------------------------------
 
 
-def dense_experts(x_td: Array, expert_ids_tk: Array, scores_tk: Array, w: ExpertWeights) -> Array:
+def dense_experts(
+    x_td: Array,
+    expert_ids_tk: Array,
+    scores_tk: Array,
+    w: ExpertWeights,
+    expert_offset: Array | int = 0,
+) -> Array:
     """Every expert on every token, unselected ones with score 0 (the PyTorch references)."""
     t = x_td.shape[0]
-    num_experts = w.gate_edf.shape[0]
-    score_te = jnp.zeros((t, num_experts), scores_tk.dtype)
-    score_te = score_te.at[jnp.arange(t)[:, None], expert_ids_tk].set(scores_tk)
+    num_local = w.gate_edf.shape[0]
+    local_tk = expert_ids_tk - expert_offset
+    local_tk = jnp.where((local_tk >= 0) & (local_tk < num_local), local_tk, num_local)
+    score_te = jnp.zeros((t, num_local), scores_tk.dtype)
+    score_te = score_te.at[jnp.arange(t)[:, None], local_tk].add(scores_tk, mode="drop")
     x_etd = score_te.T.astype(x_td.dtype)[:, :, None] * x_td[None]
     gate = jnp.einsum("etd,edf->etf", x_etd, w.gate_edf)
     up = jnp.einsum("etd,edf->etf", x_etd, w.up_edf)
     return jnp.einsum("etf,efd->td", jax.nn.silu(gate) * up, w.down_efd)
 
 
-BACKENDS: dict[str, Callable[[Array, Array, Array, ExpertWeights], Array]] = {
-    "ragged_dot": lambda x, ids, s, w: sorted_experts(x, ids, s, w, _ragged_dot),
-    "pallas": lambda x, ids, s, w: sorted_experts(x, ids, s, w, _pallas_gmm),
+# (x_td, expert_ids_tk, scores_tk, weights, expert_offset) -> routed term [T, D]
+Backend = Callable[[Array, Array, Array, ExpertWeights, "Array | int"], Array]
+BACKENDS: dict[str, Backend] = {
+    "ragged_dot": functools.partial(sorted_experts, ops=XLA_OPS),
+    "pallas": functools.partial(sorted_experts, ops=PALLAS_OPS),
     "dense": dense_experts,
+    "gather": gathered_experts,
 }
 
 
 def routed_experts(
-    impl: str, x_td: Array, expert_ids_tk: Array, scores_tk: Array, w: ExpertWeights
+    impl: str,
+    x_td: Array,
+    expert_ids_tk: Array,
+    scores_tk: Array,
+    w: ExpertWeights,
+    expert_offset: Array | int = 0,
 ) -> Array:
-    """The routed term of the MoE block with the chosen backend; [T, D] -> [T, D]."""
-    return BACKENDS[impl](x_td, expert_ids_tk, scores_tk, w)
+    """The routed term of the MoE block with the chosen backend, on this device; [T, D] -> [T, D].
+
+    `w` holds the experts from `expert_offset` on (all of them unless expert-parallel).
+    """
+    return BACKENDS[impl](x_td, expert_ids_tk, scores_tk, w, expert_offset=expert_offset)
+
+
+# ---- dispatch: where the router and the routed experts run -----------------------------------
+
+
+class Dispatch(Protocol):
+    """Routes `x_td` and computes the routed term with all experts of `w`, however the work is
+    spread over devices: `(impl, x_td, router_de, top_k, w) -> (routed_td [T, D], Routing)`.
+    `local_dispatch` is the single-device one."""
+
+    def __call__(
+        self, impl: str, x_td: Array, router_de: Array, top_k: int, w: ExpertWeights
+    ) -> tuple[Array, Routing]: ...
+
+
+def local_dispatch(
+    impl: str, x_td: Array, router_de: Array, top_k: int, w: ExpertWeights
+) -> tuple[Array, Routing]:
+    """Route, then the routed experts with backend `impl`, on this device."""
+    routing = route(x_td, router_de, top_k)
+    return routed_experts(impl, x_td, routing.expert_ids_tk, routing.scores_tk, w), routing
+
+
+MeshDispatch = Callable[[AbstractMesh], "Dispatch | None"]
+_mesh_dispatch: list[MeshDispatch] = []
+
+
+def set_mesh_dispatch(factory: MeshDispatch | None) -> None:
+    """Installs the function that picks a `Dispatch` for the ambient mesh (`jax.set_mesh`).
+
+    `sharding.expert` installs its shard_map dispatch when imported, so the core model never
+    imports `sharding`; `None` removes it.
+    """
+    _mesh_dispatch[:] = [] if factory is None else [factory]
+
+
+def current_dispatch() -> Dispatch:
+    """The dispatch for the ambient mesh: the installed mesh dispatch if it takes this mesh,
+    else `local_dispatch` (which XLA partitions as it can)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    for factory in _mesh_dispatch:
+        dispatch = None if mesh.empty else factory(mesh)
+        if dispatch is not None:
+            return dispatch
+    return local_dispatch

@@ -1,8 +1,9 @@
 """Numerical cross-checks against PyTorch: `l4jax verify SRC` and `l4jax check`.
 
-`verify` loads a checkpoint in transformers and in l4jax and prints the logit difference on a
-fixed prompt; `check` does the same on a freshly built random model of a preset and also times
-both forward passes. Both need the `torch` extra.
+`verify` loads a checkpoint in its PyTorch reference (transformers for Hugging Face, Meta's
+llama_models for Meta's format; an l4jax checkpoint is exported to Hugging Face first) and in
+l4jax, and prints the logit difference on a fixed prompt; `check` does the same on a freshly
+built random model of a preset and also times both forward passes. Both need the `torch` extra.
 """
 
 from __future__ import annotations
@@ -53,8 +54,55 @@ def compare_backends(
     return results
 
 
+REFERENCES = {
+    "hf": "transformers",
+    "meta": "llama_models",
+    "l4jax": "transformers, on its Hugging Face export",
+}
+
+
+def reference_name(path: str | Path) -> str:
+    """The PyTorch reference `verify` uses for the checkpoint at `path`."""
+    return REFERENCES[checkpoint_format(path)]
+
+
+def checkpoint_format(path: str | Path) -> str:
+    from l4jax.convert.convert import open_source
+
+    source, name = open_source(path)
+    source.close()
+    return name
+
+
 def verify(path: str | Path, tokens: int = 128, batch: int = 1) -> list[Comparison]:
-    """Logit difference between transformers and l4jax for a Hugging Face checkpoint."""
+    """Logit difference between the PyTorch reference and l4jax for checkpoint `path`."""
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "meta":
+        from l4jax.convert.meta import MetaCheckpoint
+        from l4jax.torch_ref import load_meta_model, meta_logits
+
+        with MetaCheckpoint(path) as ckpt:
+            vocab = ckpt.hf_config()["vocab_size"]
+        log.info("loading %s in llama_models", path)
+        model = load_meta_model(path, max_seq_len=tokens, max_batch_size=batch)
+        prompt = fixed_prompt(vocab, batch, tokens)
+        return compare_backends(path, prompt, meta_logits(model, prompt), ("ragged_dot",))
+    if kind == "l4jax":
+        from l4jax.convert.convert import convert_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            log.info("exporting %s to Hugging Face for transformers", path)
+            hf_dir = Path(tmp) / "hf"
+            convert_checkpoint(path, hf_dir, to="hf", dtype="float32", progress=False)
+            prompt, ref = _transformers_logits(hf_dir, tokens, batch)
+        return compare_backends(path, prompt, ref, ("ragged_dot",))
+    prompt, ref = _transformers_logits(path, tokens, batch)
+    return compare_backends(path, prompt, ref, ("ragged_dot",))
+
+
+def _transformers_logits(path: Path, tokens: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fixed prompt, float32 transformers logits) of HF checkpoint `path`."""
     import transformers
 
     from l4jax.torch_ref import hf_logits
@@ -62,7 +110,7 @@ def verify(path: str | Path, tokens: int = 128, batch: int = 1) -> list[Comparis
     log.info("loading %s in transformers", path)
     hf = transformers.Llama4ForCausalLM.from_pretrained(path, dtype="float32").eval()
     prompt = fixed_prompt(hf.config.vocab_size, batch, tokens)
-    return compare_backends(Path(path), prompt, hf_logits(hf, prompt), ("ragged_dot",))
+    return prompt, hf_logits(hf, prompt)
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:

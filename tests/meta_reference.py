@@ -8,21 +8,16 @@ checkpoints (params.json + consolidated.NN.pth), split into model-parallel shard
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import fairscale.nn.model_parallel.initialize as fs_init
-import numpy as np
 import torch
-import torch.distributed as dist
-from llama_models.llama4.args import ModelArgs
-from llama_models.llama4.datatypes import TransformerInput
 from llama_models.llama4.model import Transformer
+
+from l4jax import torch_ref
+from l4jax.torch_ref import meta_logits  # noqa: F401 (re-exported)
 
 torch.set_num_threads(2)
 
@@ -96,6 +91,13 @@ _SHARD_AXES = (
     (re.compile(r"layers\.\d+\.feed_forward\.(shared_expert\.)?w2\.weight"), 1),
     (re.compile(r"layers\.\d+\.feed_forward\.experts\.w[13]"), 2),
     (re.compile(r"layers\.\d+\.feed_forward\.experts\.w2"), 1),
+    # vision tower and projector (llama_models/checkpoint.py `_WEIGHT_{COLUMN,ROW}_KEY`)
+    (re.compile(r"vision_embeddings\.vision_encoder\.conv1\._linear\.weight"), 0),
+    (re.compile(r"vision_embeddings\..*\.attn\.w[qkv]\.(weight|bias)"), 0),
+    (re.compile(r"vision_embeddings\..*\.attn\.wo\.weight"), 1),
+    (re.compile(r"vision_embeddings\..*\.mlp\.c_fc\.(weight|bias)"), 0),
+    (re.compile(r"vision_embeddings\..*\.mlp\.c_proj\.weight"), 1),
+    (re.compile(r"vision_projection\.weight"), 0),
 )
 
 
@@ -103,18 +105,9 @@ def build_meta_model(
     params: dict[str, Any], seed: int, max_seq_len: int = 64, max_batch_size: int = 2
 ) -> Transformer:
     """Meta's reference Transformer for `params` (a params.json dict), random float32 weights."""
-    _init_model_parallel()
-    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with _cuda_is_identity():
-        model = Transformer(args)
+    model = torch_ref.build_meta_model(params, max_seq_len, max_batch_size)
     _randomize(model, seed)
-    return model.eval()
-
-
-def meta_logits(model: Transformer, tokens: np.ndarray) -> np.ndarray:
-    """Reference logits [B, T, V] float32 for `tokens` [B, T] at positions 0..T-1."""
-    batch = TransformerInput(tokens=torch.as_tensor(tokens, dtype=torch.long), tokens_position=0)
-    return model.forward(batch).logits.float().numpy()
+    return model
 
 
 def save_meta_checkpoint(
@@ -137,26 +130,6 @@ def save_meta_checkpoint(
             shard = _fused(shard)
         torch.save({**shard, **(extra or {})}, path / f"consolidated.{rank:02d}.pth")
     return path
-
-
-def _init_model_parallel() -> None:
-    """A 1-process gloo group and fairscale model parallel size 1 (once per process)."""
-    if not dist.is_initialized():
-        store = Path(tempfile.mkdtemp()) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
-
-
-@contextlib.contextmanager
-def _cuda_is_identity() -> Iterator[None]:
-    """The reference allocates its KV cache with `.cuda()`: keep it on the CPU."""
-    cuda = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = cuda
 
 
 def _randomize(model: Transformer, seed: int) -> None:

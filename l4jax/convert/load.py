@@ -15,13 +15,15 @@ from tqdm.auto import tqdm
 from l4jax.config import Llama4Config
 from l4jax.convert.hf import HFCheckpoint, is_hf_dir
 from l4jax.convert.mapping import (
+    Entry,
     TensorSource,
     check_source,
+    entry_shapes,
     hf_entries,
     iter_slices,
-    param_shapes,
     set_path,
 )
+from l4jax.convert.orbax import L4jaxCheckpoint, is_l4jax_dir, restore_params
 from l4jax.errors import CheckpointError
 from l4jax.model import Llama4ForCausalLM
 
@@ -33,6 +35,8 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
+    if is_l4jax_dir(p):
+        return L4jaxCheckpoint(p)
     if is_hf_dir(p):
         return HFCheckpoint(p)
     if (p / "params.json").is_file():
@@ -41,7 +45,7 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
         return MetaCheckpoint(p)
     raise CheckpointError(
         f"{p}: unknown checkpoint format (expected config.json + *.safetensors from Hugging Face, "
-        "or params.json + consolidated.NN.pth from Meta)"
+        "or params.json + consolidated.NN.pth from Meta, or config.json + params/ from l4jax)"
     )
 
 
@@ -54,11 +58,15 @@ def source_config(source: Any, **runtime: Any) -> Llama4Config:
 
 def load_params(source: TensorSource, config: Llama4Config, dtype: Any = None) -> dict[str, Any]:
     """Read every tensor once into the scanned l4jax param tree (host RAM, then device)."""
-    entries = hf_entries(config)
-    check_source(source, config, entries)
-    target = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    return load_entries(source, hf_entries(config), dtype or config.param_dtype)
+
+
+def load_entries(source: TensorSource, entries: list[Entry], dtype: Any) -> dict[str, Any]:
+    """Read the tensors of `entries` once into their param tree (host RAM, then device)."""
+    check_source(source, None, entries)
+    target = np.dtype(jnp.dtype(dtype))
     host: dict[tuple[str, ...], np.ndarray] = {
-        path: np.empty(shape, target) for path, shape in param_shapes(config).items()
+        path: np.empty(shape, target) for path, shape in entry_shapes(entries).items()
     }
     slices = iter_slices(source, entries, target)
     total = sum(len(e.slots) for e in entries)
@@ -74,14 +82,25 @@ def load_params(source: TensorSource, config: Llama4Config, dtype: Any = None) -
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype: Any = None, **runtime: Any
-) -> tuple[Llama4ForCausalLM, dict[str, Any]]:
-    """Load a Hugging Face or Meta Llama 4 text checkpoint as `(model, params)`.
+    path: str | os.PathLike, dtype: Any = None, text_only: bool = False, **runtime: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Load a Hugging Face or Meta Llama 4 checkpoint as `(model, params)`.
 
     `dtype` sets the stored param dtype and the compute dtype (default: the checkpoint's
     `torch_dtype`, else float32); other `Llama4Config` runtime fields (e.g. `moe_impl`,
-    `remat_policy`) pass through `runtime`.
+    `remat_policy`) pass through `runtime`. A multimodal checkpoint (HF `vision_config`, Meta
+    `vision_args`) gives `l4jax.vision.Llama4ForConditionalGeneration`, or with `text_only` the
+    text model `Llama4ForCausalLM` (its vision tensors are not read). An l4jax checkpoint
+    (`l4jax convert`) is restored with Orbax (`restore_params`).
     """
+    if is_l4jax_dir(path):
+        config, params = restore_params(path, dtype=dtype, **runtime)
+        return Llama4ForCausalLM(config), params
+    if not text_only:
+        from l4jax.convert.multimodal import is_multimodal, load_multimodal
+
+        if is_multimodal(path):
+            return load_multimodal(path, dtype, **runtime)
     source = open_checkpoint(path)
     hf = source.hf_config()
     text = hf.get("text_config", hf)

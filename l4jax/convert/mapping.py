@@ -247,3 +247,121 @@ def get_path(tree: dict, path: tuple[str, ...]) -> Any:
     for name in path:
         tree = tree[name]
     return tree
+
+
+# ---- multimodal checkpoints (HF `Llama4ForConditionalGeneration`) ----------------------------
+
+TEXT_PREFIX = "language_model."  # HF name prefix of the text model in multimodal checkpoints
+
+
+def _reshape(hf_shape, slot_shape):
+    """A bias [N*H] <-> [N, H]."""
+    return (lambda w: (w.reshape(slot_shape),)), (lambda xs: xs[0].reshape(hf_shape))
+
+
+def vision_entries(vision: Any, text_hidden_size: int) -> list[Entry]:
+    """The vision tower and projector of a multimodal checkpoint (`vision` is a
+    `l4jax.vision.Llama4VisionConfig`); its 1 + num_hidden_layers blocks are one scan axis:
+    layer i is `params["vision_model"]["layers"][...][i]`."""
+    v = vision
+    d, k, h, f = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size
+    c, p = v.num_channels * v.patch_size**2, v.projector_output_dim
+
+    def top(key, hf_shape, path, shape, layout, root="vision_model"):
+        return _entry(key, hf_shape, [Slot((root, *path), None, shape)], layout)
+
+    def norm(key, path, dim, slot=top):
+        return [
+            slot(f"{key}.weight", (dim,), (*path, "scale"), (dim,), _identity),
+            slot(f"{key}.bias", (dim,), (*path, "bias"), (dim,), _identity),
+        ]
+
+    pre = "vision_model."
+    entries = [
+        top(pre + "patch_embedding.linear.weight", (d, c), ("patch_embedding",), (c, d), _linear),
+        top(pre + "class_embedding", (d,), ("class_embedding",), (d,), _identity),
+        top(
+            pre + "positional_embedding_vlm",
+            (v.num_patches + 1, d),
+            ("positional_embedding_vlm",),
+            (v.num_patches + 1, d),
+            _identity,
+        ),
+        *norm(pre + "layernorm_pre", ("layernorm_pre",), d),
+        *norm(pre + "layernorm_post", ("layernorm_post",), d),
+    ]
+    for i in range(v.num_hidden_layers):
+        lp = f"{pre}model.layers.{i}."
+
+        def layer(key, hf_shape, path, shape, layout, _i=i):
+            slot = Slot(("vision_model", "layers", *path), _i, shape)
+            return _entry(key, hf_shape, [slot], layout)
+
+        for x in "qkv":
+            entries += [
+                layer(f"{lp}self_attn.{x}_proj.weight", (k * h, d), ("self_attn", f"{x}_proj"),
+                      (d, k, h), _linear),
+                layer(f"{lp}self_attn.{x}_proj.bias", (k * h,), ("self_attn", f"{x}_bias"),
+                      (k, h), _reshape),
+            ]  # fmt: skip
+        entries += [
+            layer(f"{lp}self_attn.o_proj.weight", (d, k * h), ("self_attn", "o_proj"), (k, h, d),
+                  _linear),
+            layer(f"{lp}self_attn.o_proj.bias", (d,), ("self_attn", "o_bias"), (d,), _identity),
+            layer(f"{lp}mlp.fc1.weight", (f, d), ("fc1", "kernel"), (d, f), _linear),
+            layer(f"{lp}mlp.fc1.bias", (f,), ("fc1", "bias"), (f,), _identity),
+            layer(f"{lp}mlp.fc2.weight", (d, f), ("fc2", "kernel"), (f, d), _linear),
+            layer(f"{lp}mlp.fc2.bias", (d,), ("fc2", "bias"), (d,), _identity),
+            *norm(lp + "input_layernorm", ("input_layernorm",), d, layer),
+            *norm(lp + "post_attention_layernorm", ("post_attention_layernorm",), d, layer),
+        ]  # fmt: skip
+    adapter = pre + "vision_adapter.mlp."
+    pin = v.projector_input_dim
+    entries += [
+        top(adapter + "fc1.weight", (pin, f), ("adapter_fc1", "kernel"), (f, pin), _linear),
+        top(adapter + "fc2.weight", (p, pin), ("adapter_fc2", "kernel"), (pin, p), _linear),
+        top(
+            "multi_modal_projector.linear_1.weight",
+            (text_hidden_size, p),
+            ("kernel",),
+            (p, text_hidden_size),
+            _linear,
+            root="multi_modal_projector",
+        ),
+    ]
+    return entries
+
+
+def prefixed(entries: list[Entry], hf_prefix: str, path_prefix: tuple[str, ...]) -> list[Entry]:
+    """`entries` with `hf_prefix` before every HF name and `path_prefix` before every slot path."""
+    return [
+        dataclasses.replace(
+            e,
+            hf_key=hf_prefix + e.hf_key,
+            slots=tuple(dataclasses.replace(s, path=path_prefix + s.path) for s in e.slots),
+        )
+        for e in entries
+    ]
+
+
+def multimodal_entries(config: Any) -> list[Entry]:
+    """All tensors of a HF `Llama4ForConditionalGeneration` checkpoint (`config` is a
+    `l4jax.vision.Llama4MultimodalConfig`): the text model's under `language_model.` (params
+    `["language_model"]`), then the vision tower's and the projector's."""
+    text = prefixed(hf_entries(config.text), TEXT_PREFIX, ("language_model",))
+    return text + vision_entries(config.vision, config.text.hidden_size)
+
+
+def entry_shapes(entries: list[Entry]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Full param shapes of `entries`' slots; stacked ones get a leading axis of 1 + max group."""
+    groups: dict[tuple[str, ...], int] = {}
+    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for entry in entries:
+        for s in entry.slots:
+            shapes[s.path] = s.shape
+            if s.group is not None:
+                groups[s.path] = max(groups.get(s.path, 0), s.group + 1)
+    return {
+        path: ((groups[path], *shape) if path in groups else shape)
+        for path, shape in shapes.items()
+    }

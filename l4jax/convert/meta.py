@@ -12,6 +12,11 @@ Facts this mapping relies on (llama_models 0.3.0 `llama4/`, transformers' llama4
 - Fused layouts, per shard: `wqkv` = [q; k; v] rows, `mlp.fc1_weight` = [w1; w3] rows, the
   flattened experts `moe_w_in_eD_F` / `moe_w_swiglu_eD_F` = [E*D, F/n] and `moe_w_out_eF_D` =
   [E*F/n, D] (unflattened per shard before concatenating, as `convert_moe_weights` does).
+- `MetaCheckpoint(path, vision=True)` also presents the vision tower and projector
+  (`vision_embeddings.*`, `vision_projection.weight`) under the names of HF's
+  `Llama4ForConditionalGeneration`, the text model under `language_model.`; their shards split
+  conv1, wq/wk/wv (+ biases), c_fc (+ bias) and vision_projection on dim 0, wo and c_proj on
+  dim 1, and replicate the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +49,19 @@ UNUSED_KEY = re.compile(
     r"vision_embeddings\..*|vision_projection\..*|rope\.freqs|freq_cis"
     r"|.*\._extra_state|.*gate_stats_3E|.*expert_activation_DE"
 )
+# Meta tensors of the vision tower and projector (read by `MetaCheckpoint(path, vision=True)`)
+VISION_KEY = re.compile(r"vision_embeddings\..*|vision_projection\..*")
+# the HF name prefix of the text model in a multimodal checkpoint
+TEXT_PREFIX = "language_model."
+# Meta's vision encoder: theta hard-coded in VisionEncoder.get_rope_freqs, 3 input channels
+META_VISION_ROPE_THETA = 10000.0
+META_VISION_CHANNELS = 3
+# the `<|patch|>`, `<|image_start|>`, `<|image_end|>` ids of Meta's tokenizer
+META_IMAGE_TOKEN_IDS = {
+    "image_token_index": 200092,
+    "boi_token_index": 200080,
+    "eoi_token_index": 200081,
+}
 # Meta's llama3 RoPE scaling constants (`apply_scaling` in llama_models/llama4/model.py)
 META_ROPE_LOW_FREQ_FACTOR = 1.0
 META_ROPE_ORIGINAL_CONTEXT = 8192
@@ -149,6 +167,39 @@ def _rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:
         "high_freq_factor": float(1 if high is None else high),
         "original_max_position_embeddings": META_ROPE_ORIGINAL_CONTEXT,
     }
+
+
+def hf_vision_config_from_args(args: Any) -> dict[str, Any]:
+    """The HF `vision_config` dict for params.json's `vision_args` (llama_models 0.3.0
+    `VisionArgs`, vision/embedding.py and vision/encoder.py)."""
+    if not isinstance(args, dict):
+        raise CheckpointError(f"params.json: vision_args must be an object, got {args!r}")
+    try:
+        sizes = {}
+        for name in ("image_size", "patch_size"):
+            size = args[name]
+            if size["height"] != size["width"]:
+                raise CheckpointError(f"params.json: vision_args.{name} must be square, got {size}")
+            sizes[name] = int(size["height"])
+        dim, ratio, out = int(args["dim"]), float(args["pixel_shuffle_ratio"]), args["output_dim"]
+        return {
+            "model_type": "llama4_vision_model",
+            "hidden_size": dim,
+            "intermediate_size": int(args["mlp_ratio"] * dim),  # _TransformerBlock's MLP
+            "num_hidden_layers": int(args["n_layers"]),
+            "num_attention_heads": int(args["n_heads"]),
+            "num_channels": META_VISION_CHANNELS,
+            **sizes,
+            "pixel_shuffle_ratio": ratio,
+            "projector_input_dim": int(out),
+            "projector_output_dim": int(out),
+            "vision_output_dim": int(out),
+            "rope_parameters": {"rope_type": "default", "rope_theta": META_VISION_ROPE_THETA},
+            "hidden_act": "gelu",
+            "norm_eps": 1e-5,
+        }
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"params.json: vision_args is missing or has a bad {e}") from None
 
 
 # ---- HF tensor recipes ------------------------------------------------------------------------
@@ -316,6 +367,61 @@ def _experts(meta: str, hf: str, d: _Dims, names: set[str]) -> dict[str, _Recipe
     }
 
 
+def _vision_recipes(vision: dict[str, Any], d: _Dims) -> dict[str, _Recipe]:
+    """HF name -> recipe for the vision tower and projector. Column-parallel weights (and their
+    biases) are split on dim 0, row-parallel ones (wo, c_proj) on dim 1; norms, embeddings and
+    row-parallel biases are replicated (`_WEIGHT_*_KEY` in llama_models/checkpoint.py)."""
+    dv, f = vision["hidden_size"], vision["intermediate_size"]
+    out, ratio = vision["projector_output_dim"], vision["pixel_shuffle_ratio"]
+    grid = vision["image_size"] // vision["patch_size"]
+    patch = META_VISION_CHANNELS * vision["patch_size"] ** 2
+    shuffled = int(dv // ratio**2)
+
+    def column(key: str, rows: int, cols: int | None = None) -> _Recipe:
+        shape = (d.split(rows, key),) if cols is None else (d.split(rows, key), cols)
+        return _Recipe((_Slab(key, shape, 0),))
+
+    def row(key: str, rows: int, cols: int) -> _Recipe:
+        return _Recipe((_Slab(key, (rows, d.split(cols, key)), 1),))
+
+    def same(key: str, *shape: int) -> _Recipe:
+        return _Recipe((_Slab(key, shape, None),))
+
+    enc, hf = "vision_embeddings.vision_encoder.", "vision_model."
+    recipes = {
+        f"{hf}patch_embedding.linear.weight": column(f"{enc}conv1._linear.weight", dv, patch),
+        f"{hf}class_embedding": same(f"{enc}class_embedding", dv),
+        f"{hf}positional_embedding_vlm": same(f"{enc}positional_embedding_vlm", grid**2 + 1, dv),
+    }
+    for meta_norm, hf_norm in (("ln_pre", "layernorm_pre"), ("ln_post", "layernorm_post")):
+        for p in ("weight", "bias"):
+            recipes[f"{hf}{hf_norm}.{p}"] = same(f"{enc}{meta_norm}.{p}", dv)
+    for i in range(vision["num_hidden_layers"]):
+        meta, hfl = f"{enc}transformer.resblocks.{i}.", f"{hf}model.layers.{i}."
+        for x in "qkv":
+            recipes[f"{hfl}self_attn.{x}_proj.weight"] = column(f"{meta}attn.w{x}.weight", dv, dv)
+            recipes[f"{hfl}self_attn.{x}_proj.bias"] = column(f"{meta}attn.w{x}.bias", dv)
+        recipes[f"{hfl}self_attn.o_proj.weight"] = row(f"{meta}attn.wo.weight", dv, dv)
+        recipes[f"{hfl}self_attn.o_proj.bias"] = same(f"{meta}attn.wo.bias", dv)
+        recipes[f"{hfl}mlp.fc1.weight"] = column(f"{meta}mlp.c_fc.weight", f, dv)
+        recipes[f"{hfl}mlp.fc1.bias"] = column(f"{meta}mlp.c_fc.bias", f)
+        recipes[f"{hfl}mlp.fc2.weight"] = row(f"{meta}mlp.c_proj.weight", dv, f)
+        recipes[f"{hfl}mlp.fc2.bias"] = same(f"{meta}mlp.c_proj.bias", dv)
+        for meta_norm, hf_norm in (
+            ("ln_1", "input_layernorm"),
+            ("ln_2", "post_attention_layernorm"),
+        ):
+            for p in ("weight", "bias"):
+                recipes[f"{hfl}{hf_norm}.{p}"] = same(f"{meta}{meta_norm}.{p}", dv)
+    adapter = "vision_embeddings.vision_adapter.mlp."
+    recipes[f"{hf}vision_adapter.mlp.fc1.weight"] = column(f"{adapter}c_fc.weight", out, shuffled)
+    recipes[f"{hf}vision_adapter.mlp.fc2.weight"] = row(f"{adapter}c_proj.weight", out, out)
+    recipes["multi_modal_projector.linear_1.weight"] = column(
+        "vision_projection.weight", d.dim, out
+    )
+    return recipes
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 
@@ -372,9 +478,18 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class MetaCheckpoint:
     """A Meta Llama 4 checkpoint directory read as HF-named, HF-layout numpy tensors."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, vision: bool = False) -> None:
+        """`vision`: present the multimodal checkpoint (text under `language_model.`, the vision
+        tower and projector under HF names; `hf_config()` is a `llama4` config). Otherwise the
+        text model alone, with the vision tensors in `unused_keys()`."""
         self.path = Path(path)
-        self._config = hf_config_from_params(_read_params(self.path))
+        params = _read_params(self.path)
+        self._config = hf_config_from_params(params)
+        self._vision = None
+        if vision:
+            if params.get("vision_args") is None:
+                raise CheckpointError(f"{self.path / 'params.json'}: no vision_args (text only)")
+            self._vision = hf_vision_config_from_args(params["vision_args"])
         self._files = _shard_files(self.path)
         self._shards: list[dict[str, Any]] | None = [_load_shard(f) for f in self._files]
         c = self._config
@@ -390,6 +505,9 @@ class MetaCheckpoint:
             experts=c["num_local_experts"],
         )
         self._recipes = _recipes(c, dims, set(self._shards[0]))
+        if self._vision is not None:
+            self._recipes = {TEXT_PREFIX + k: r for k, r in self._recipes.items()}
+            self._recipes.update(_vision_recipes(self._vision, dims))
         self._unused = self._check()
 
     def __enter__(self) -> Self:
@@ -425,7 +543,13 @@ class MetaCheckpoint:
                     raise CheckpointError(
                         f"{file}: tensor {key} has unsupported dtype {tensor.dtype}"
                     )
-        unknown = [k for k in first if k not in stored and not UNUSED_KEY.fullmatch(k)]
+        vision = self._vision is not None
+        unknown = [
+            k
+            for k in first
+            if k not in stored
+            and (not UNUSED_KEY.fullmatch(k) or (vision and VISION_KEY.fullmatch(k)))
+        ]
         if unknown:
             raise CheckpointError(f"{self._files[0]}: unrecognised tensor {unknown[0]}")
         return sorted(k for k in first if k not in stored)
@@ -442,7 +566,15 @@ class MetaCheckpoint:
 
     def hf_config(self) -> dict[str, Any]:
         """The equivalent HF `llama4_text` config.json dict."""
-        return copy.deepcopy(self._config)
+        if self._vision is None:
+            return copy.deepcopy(self._config)
+        return {
+            "model_type": "llama4",
+            "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": copy.deepcopy(self._config),
+            "vision_config": copy.deepcopy(self._vision),
+            **META_IMAGE_TOKEN_IDS,
+        }
 
     def keys(self) -> list[str]:
         """HF text-model tensor names."""

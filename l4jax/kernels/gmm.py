@@ -197,8 +197,15 @@ def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
 
 
 def _interpret_params(interpret: bool) -> pltpu.InterpretParams | bool:
-    """TPU interpret mode simulates VMEM/SMEM and fills uninitialised buffers with NaN."""
-    return pltpu.InterpretParams() if interpret else False
+    """TPU interpret mode simulates VMEM/SMEM and fills uninitialised buffers with NaN. It
+    also synchronises all devices of a shard_map with a `threading.Barrier`, which hangs on
+    XLA:CPU's simulated devices (expert parallelism), so inside a shard_map the plain Pallas
+    interpreter runs the kernel instead."""
+    if not interpret:
+        return False
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return True
+    return pltpu.InterpretParams()
 
 
 def _check_groups(m: int, group_sizes: jax.Array, num_groups: int) -> None:

@@ -1,0 +1,204 @@
+"""Training checkpoints with Orbax: params, optimizer state, step and data-iterator state.
+
+A run directory looks like
+
+    run_dir/
+      config.json             Llama4Config.to_hf_dict() of the model being trained
+      train_config.json       the TrainConfig of the run (informational)
+      <step>/config.json      (added once the step is complete) with <step>/params/, this makes
+      <step>/params/          every step an l4jax checkpoint directory: Orbax PyTree checkpoint
+                              of the scanned param tree, read by `load_params(run_dir)`,
+                              `export_hf(run_dir, dst)` and `l4jax convert <step dir> ...`
+      <step>/opt_state/       Orbax PyTree checkpoint of the optax state
+      <step>/meta/            JSON: {"step": ...}
+      <step>/data/            Grain iterator state, one JSON file per process
+
+Saves are asynchronous (the training loop continues while arrays are written), atomic (Orbax
+writes to a temporary directory and renames it when every host is done, so a run killed
+mid-save leaves the previous checkpoint intact) and keep the last `keep` steps. Restoring takes
+target shardings, so a checkpoint saved on one mesh restores onto any other (resharding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from l4jax.config import Llama4Config
+from l4jax.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+ITEMS = ("params", "opt_state", "meta", "data")
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager for training state; every process calls every method."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int = 3,
+        async_save: bool = True,
+        config: Llama4Config | None = None,
+    ):
+        """`config`: when given, every finished step directory also gets `config.json`,
+        which makes it an l4jax checkpoint (`l4jax convert`, `restore_params`)."""
+        self.directory = Path(directory).absolute()
+        self.config = config
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+        """Start saving `state` (a TrainState) and the iterator's position as `step`."""
+        self._stamp_config()
+        items = {
+            "params": ocp.args.StandardSave(state.params),
+            "opt_state": ocp.args.StandardSave(state.opt_state),
+            "meta": ocp.args.JsonSave({"step": int(step)}),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved and jax.process_index() == 0:
+            log.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """Restore `step` onto the shardings of `abstract_state` (a TrainState of
+        `jax.ShapeDtypeStruct`s with `.sharding`), and the iterator's position in place."""
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state.params),
+            "opt_state": ocp.args.StandardRestore(abstract_state.opt_state),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore ({e})") from None
+        step_array = jax.device_put(
+            jax.numpy.asarray(restored["meta"]["step"], abstract_state.step.dtype),
+            abstract_state.step.sharding,
+        )
+        return abstract_state.replace(
+            step=step_array, params=restored["params"], opt_state=restored["opt_state"]
+        )
+
+    def _stamp_config(self) -> None:
+        """config.json into every finished step directory (after Orbax renamed it in place)."""
+        self.manager.wait_until_finished()
+        if self.config is None or jax.process_index() != 0:
+            return
+        for step in self.manager.all_steps():
+            path = self.directory / str(step) / CONFIG_FILE
+            if path.parent.is_dir() and not path.exists():
+                self.config.to_json_file(path)
+
+    def wait(self) -> None:
+        self._stamp_config()
+
+    def close(self) -> None:
+        self._stamp_config()
+        self.manager.close()
+
+
+# ---- run directory metadata ------------------------------------------------------------------
+
+
+def write_run_config(
+    directory: str | os.PathLike, config: Llama4Config, train_config: dict[str, Any]
+) -> None:
+    """Write config.json (checking it matches an existing run) and train_config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_FILE
+    if path.exists():
+        stored = Llama4Config.from_json_file(path).to_hf_dict()
+        current = config.to_hf_dict()
+        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        if diff:
+            raise ConfigError(
+                f"{path}: the run in {directory} trains a different model (fields {diff} differ);"
+                " use another --checkpoint-dir"
+            )
+    if jax.process_index() != 0:
+        return
+    config.to_json_file(path)
+    tmp = directory / f"{TRAIN_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(train_config, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, directory / TRAIN_CONFIG_FILE)
+
+
+def read_run_config(directory: str | os.PathLike, **runtime: Any) -> Llama4Config:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not an l4jax training run")
+    return Llama4Config.from_json_file(path, **runtime)
+
+
+def step_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
+    """The directory of a finished step of a run (default: the latest)."""
+    directory = Path(directory).absolute()
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = [s for s in steps if (directory / str(s) / CONFIG_FILE).is_file()]
+    if not steps:
+        raise CheckpointError(f"{directory}: no finished checkpoint steps")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{directory}: no finished step {step} (have {steps})")
+    return directory / str(step)
+
+
+def load_params(
+    directory: str | os.PathLike, step: int | None = None, shardings: Any = None, **runtime: Any
+) -> tuple[Llama4Config, Any]:
+    """(config, params) of a run's step (default: the latest) through the conversion code's
+    `restore_params`: onto `shardings` (one sharding, or a tree like the params) or, by
+    default, the first device."""
+    from l4jax.convert.orbax import restore_params
+
+    return restore_params(step_dir(directory, step), shardings, **runtime)
+
+
+def export_hf(
+    directory: str | os.PathLike, dst: str | os.PathLike, step: int | None = None
+) -> Path:
+    """Export a training run's step (default: latest) as a Hugging Face checkpoint directory,
+    through the conversion code (`l4jax.convert.export.export_hf`)."""
+    try:
+        from l4jax.convert.export import export_hf as _export
+    except ImportError as e:
+        raise CheckpointError(f"Hugging Face export is unavailable: {e}") from None
+    config, params = load_params(directory, step)
+    return _export(params, config, dst)

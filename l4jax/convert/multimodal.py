@@ -1,0 +1,87 @@
+"""Multimodal checkpoints: `(Llama4ForConditionalGeneration, params)` from HF or Meta files.
+
+A multimodal tensor source presents every tensor under the name HF's
+`Llama4ForConditionalGeneration` checkpoint uses (`language_model.model...`, `vision_model...`,
+`multi_modal_projector...`); `mapping.multimodal_entries` maps them onto the param tree
+`{"language_model": ..., "vision_model": ..., "multi_modal_projector": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from l4jax.convert.hf import HFCheckpoint, is_hf_dir
+from l4jax.convert.mapping import TensorSource, multimodal_entries
+from l4jax.errors import CheckpointError, ConfigError
+from l4jax.vision import Llama4ForConditionalGeneration, Llama4MultimodalConfig
+
+log = logging.getLogger(__name__)
+
+
+class HFMultimodalCheckpoint(HFCheckpoint):
+    """A HF multimodal checkpoint read under its stored names, vision tensors included."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._where = {key: (file, key) for file, keys in self._files.items() for key in keys}
+        self._unused = []
+
+
+def is_multimodal(path: str | os.PathLike) -> bool:
+    """A HF checkpoint with a non-empty `vision_config`, or a Meta one with `vision_args`."""
+    p = Path(path)
+    for name, field in (("config.json", "vision_config"), ("params.json", "vision_args")):
+        try:
+            with open(p / name) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue  # missing or bad: the text loader reports it
+        if isinstance(config, dict) and config.get(field):
+            return name == "params.json" or is_hf_dir(p)
+    return False
+
+
+def open_multimodal(path: str | os.PathLike) -> TensorSource:
+    p = Path(path)
+    if is_hf_dir(p):
+        return HFMultimodalCheckpoint(p)
+    if (p / "params.json").is_file():
+        from l4jax.convert.meta import MetaCheckpoint
+
+        return MetaCheckpoint(p, vision=True)
+    raise CheckpointError(f"{p}: not a Hugging Face or Meta multimodal checkpoint")
+
+
+def multimodal_config(source: Any, **runtime: Any) -> Llama4MultimodalConfig:
+    try:
+        return Llama4MultimodalConfig.from_hf_dict(source.hf_config(), **runtime)
+    except ConfigError as e:
+        raise CheckpointError(f"{getattr(source, 'path', '')}: {e}") from None
+
+
+def load_multimodal(
+    path: str | os.PathLike, dtype: Any = None, **runtime: Any
+) -> tuple[Llama4ForConditionalGeneration, dict[str, Any]]:
+    """`(model, params)` of a multimodal checkpoint; `dtype` and `runtime` as `from_pretrained`
+    (dtype/param_dtype/remat_policy apply to both towers)."""
+    from l4jax.convert.load import _torch_dtype, load_entries
+
+    source = open_multimodal(path)
+    hf = source.hf_config()
+    name = str(jnp.dtype(dtype)) if dtype is not None else _torch_dtype(hf.get("text_config", hf))
+    config = multimodal_config(source, **{"dtype": name, "param_dtype": name, **runtime})
+    log.info(
+        "loading %s (%d text + %d vision layers) from %s",
+        type(source).__name__,
+        config.text.num_hidden_layers,
+        config.vision.num_hidden_layers,
+        path,
+    )
+    params = load_entries(source, multimodal_entries(config), config.text.param_dtype)
+    return Llama4ForConditionalGeneration(config), params

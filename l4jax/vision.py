@@ -1,0 +1,662 @@
+"""Llama 4 early-fusion vision: encoder, pixel shuffle, adapter, projector, multimodal model.
+
+    tiles [N, 3, S, S] -> patches [N, L, C*P*P] (unfold order c, ky, kx) -> linear, no bias
+      -> append CLS (last) -> + positional_embedding_vlm [L+1, Dv] -> LayerNorm pre
+      -> scanned pre-LN blocks (biases, non-causal, 2D RoPE; CLS not rotated) -> LayerNorm post
+      -> drop CLS -> pixel shuffle r (L -> L*r^2 tokens of Dv/r^2) -> GELU(fc2(GELU(fc1(x))))
+      -> projector (no bias) -> text hidden size, replacing the `<|patch|>` token embeddings
+         in order (tiles row-major, the global tile last).
+
+Parameters are named like Hugging Face's `Llama4ForConditionalGeneration` (`vision_model`,
+`multi_modal_projector`, `language_model`) and carry logical axis names; the vision-only axes
+(`vision_embed`, `vision_heads`, `vision_mlp`, `vision_adapter`, ...) are replicated unless a
+sharding rule names them. Shapes in names: N tiles, L patches per tile (+1 CLS), Dv vision
+hidden, K heads, H head_dim, F MLP hidden, B batch, T tokens, D text hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l4jax.config import DTYPES, REMAT_POLICIES, Llama4Config
+from l4jax.errors import ConfigError
+from l4jax.model import (
+    REMAT_POLICIES as REMAT_FNS,
+)
+from l4jax.model import (
+    Llama4ForCausalLM,
+    _fan_in_init,
+    _param,
+    apply_rope,
+    dot_product_attention,
+)
+
+Array = jax.Array
+
+# Both references use torch LayerNorm's default eps (HF ignores `norm_eps`, Meta never reads it).
+LAYER_NORM_EPS = 1e-5
+ACT_NLD = ("activation_vision_tiles", "activation_vision_length", "activation_vision_embed")
+VISION_RUNTIME = ("dtype", "param_dtype", "remat_policy")
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4VisionConfig:
+    """HF `Llama4VisionConfig` fields (defaults: Scout/Maverick) plus l4jax runtime settings."""
+
+    hidden_size: int = 1408
+    intermediate_size: int = 5632  # encoder MLP hidden AND the adapter's input (Dv / r^2)
+    num_hidden_layers: int = 34
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 336  # tile side
+    patch_size: int = 14
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 4096  # adapter fc1 output
+    projector_output_dim: int = 4096  # adapter fc2 output
+    vision_output_dim: int = 4096  # projector input
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    # l4jax runtime settings (not part of the checkpoint)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+    def __post_init__(self) -> None:
+        _validate_vision(self)
+
+    def replace(self, **changes: Any) -> Llama4VisionConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per tile side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per tile, without the CLS token."""
+        return self.grid_size**2
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches merged into one token by pixel shuffle: round(1 / r^2) (4 for r = 0.5)."""
+        return int(round(1.0 / self.pixel_shuffle_ratio**2))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """`<|patch|>` tokens per tile (144 for 336px tiles, patch 14, r = 0.5)."""
+        return self.num_patches // self.shuffle_factor
+
+    @property
+    def shuffled_dim(self) -> int:
+        return self.hidden_size * self.shuffle_factor
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> Llama4VisionConfig:
+        """Read a HF `vision_config` dict (hub style `rope_theta` or transformers 5 style)."""
+        return _vision_from_hf(hf, runtime)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = {f: getattr(self, f) for f in _HF_VISION_FIELDS}
+        out.update(
+            model_type="llama4_vision_model",
+            hidden_act="gelu",
+            norm_eps=LAYER_NORM_EPS,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            vision_feature_select_strategy="default",
+            multi_modal_projector_bias=False,
+        )
+        return out
+
+
+_HF_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "pixel_shuffle_ratio",
+    "projector_input_dim",
+    "projector_output_dim",
+    "vision_output_dim",
+    "initializer_range",
+)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"Llama4VisionConfig.{field}: {message}")
+
+
+def _validate_vision(c: Llama4VisionConfig) -> None:
+    for name in _HF_VISION_FIELDS[:11]:
+        if name == "pixel_shuffle_ratio":
+            continue
+        value = getattr(c, name)
+        _require(
+            isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}"
+        )
+    r = c.pixel_shuffle_ratio
+    _require(0 < r <= 1, "pixel_shuffle_ratio", f"must lie in (0, 1], got {r!r}")
+    _require(
+        c.hidden_size % c.num_attention_heads == 0,
+        "num_attention_heads",
+        f"{c.num_attention_heads} does not divide hidden_size={c.hidden_size}",
+    )
+    _require(
+        c.head_dim % 4 == 0,
+        "num_attention_heads",
+        f"head_dim {c.head_dim} must be divisible by 4 (2D RoPE: half the pairs per axis)",
+    )
+    _require(
+        c.image_size % c.patch_size == 0,
+        "patch_size",
+        f"{c.patch_size} does not divide image_size={c.image_size}",
+    )
+    g = c.grid_size
+    _require(
+        float(g * r).is_integer() and float(c.hidden_size / r).is_integer(),
+        "pixel_shuffle_ratio",
+        f"{r} must map the {g}x{g} patch grid and hidden_size {c.hidden_size} to integers",
+    )
+    _require(
+        c.num_patches % c.shuffle_factor == 0 and abs(r * r * c.shuffle_factor - 1) < 1e-9,
+        "pixel_shuffle_ratio",
+        f"{r}: 1/r^2 must be an integer dividing the {c.num_patches} patches",
+    )
+    _require(
+        c.intermediate_size == c.shuffled_dim,
+        "intermediate_size",
+        f"{c.intermediate_size} must equal hidden_size / pixel_shuffle_ratio^2 = "
+        f"{c.shuffled_dim}: HF's vision adapter takes intermediate_size inputs",
+    )
+    _require(
+        c.projector_input_dim == c.projector_output_dim,
+        "projector_output_dim",
+        f"{c.projector_output_dim} must equal projector_input_dim={c.projector_input_dim} "
+        "(the adapter's fc2 maps fc1's output)",
+    )
+    _require(
+        c.vision_output_dim == c.projector_output_dim,
+        "vision_output_dim",
+        f"{c.vision_output_dim} must equal projector_output_dim={c.projector_output_dim}",
+    )
+    _require(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
+    _require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
+    _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
+    _require(
+        c.remat_policy in REMAT_POLICIES,
+        "remat_policy",
+        f"{c.remat_policy!r} is not one of {REMAT_POLICIES}",
+    )
+
+
+def _square(hf: dict[str, Any], name: str) -> None:
+    value = hf.get(name)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"vision_config.{name}: only square sizes are supported, got {value}")
+        hf[name] = value[0]
+
+
+def _vision_from_hf(hf: dict[str, Any], runtime: dict[str, Any]) -> Llama4VisionConfig:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"vision_config: must be a JSON object, got {type(hf).__name__}")
+    hf = dict(hf)
+    model_type = hf.get("model_type", "llama4_vision_model")
+    if model_type != "llama4_vision_model":
+        raise ConfigError(
+            f"vision_config.model_type: expected 'llama4_vision_model', got {model_type!r}"
+        )
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ConfigError(
+            f"vision_config.hidden_act: only 'gelu' is supported, got {hf['hidden_act']!r}"
+        )
+    if hf.get("norm_eps", LAYER_NORM_EPS) != LAYER_NORM_EPS:
+        raise ConfigError(
+            f"vision_config.norm_eps: {hf['norm_eps']} unsupported: both references use "
+            f"LayerNorm eps {LAYER_NORM_EPS} whatever the config says"
+        )
+    for name in ("image_size", "patch_size"):
+        _square(hf, name)
+    fields = {name: hf[name] for name in _HF_VISION_FIELDS if name in hf}
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"vision_config.rope_parameters: only default RoPE, got {rope!r}")
+    fields["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    fields.update({k: v for k, v in runtime.items() if k in VISION_RUNTIME})
+    try:
+        return Llama4VisionConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"vision_config: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4MultimodalConfig:
+    """The `llama4` config.json: text and vision configs plus the image token ids."""
+
+    text: Llama4Config
+    vision: Llama4VisionConfig
+    image_token_index: int = 200092  # <|patch|>: its embeddings are replaced by image features
+    boi_token_index: int = 200080  # <|image_start|>
+    eoi_token_index: int = 200081  # <|image_end|>
+
+    def replace(self, **changes: Any) -> Llama4MultimodalConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> Llama4MultimodalConfig:
+        """Read a HF `llama4` config.json dict; `runtime` sets dtype etc. of both towers."""
+        if not isinstance(hf, dict) or not isinstance(hf.get("vision_config"), dict):
+            raise ConfigError("vision_config: missing (not a multimodal `llama4` config)")
+        text = Llama4Config.from_hf_dict(hf, **runtime)
+        vision = Llama4VisionConfig.from_hf_dict(hf["vision_config"], **runtime)
+        ids = {
+            k: hf[k] for k in ("image_token_index", "boi_token_index", "eoi_token_index") if k in hf
+        }
+        return cls(text, vision, **ids)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **runtime: Any) -> Llama4MultimodalConfig:
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_hf_dict(hf, **runtime)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `llama4` config.json dict `transformers.Llama4Config` reads."""
+        text = self.text.to_hf_dict()
+        text.pop("architectures", None)
+        return {
+            "model_type": "llama4",
+            "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": text,
+            "vision_config": self.vision.to_hf_dict(),
+            "image_token_index": self.image_token_index,
+            "boi_token_index": self.boi_token_index,
+            "eoi_token_index": self.eoi_token_index,
+            "tie_word_embeddings": False,
+            "torch_dtype": self.text.param_dtype,
+        }
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "scout": {},  # Scout and Maverick share the vision tower
+    "maverick": {},
+    # tiny: 56px tiles of 4x4 patches -> 4 tokens per tile; unit tests and smoke runs
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        projector_input_dim=48,
+        projector_output_dim=48,
+        vision_output_dim=48,
+    ),
+}
+
+
+def vision_preset(name: str, **overrides: Any) -> Llama4VisionConfig:
+    if name not in VISION_PRESETS:
+        raise ConfigError(f"unknown vision preset {name!r}; choose one of {sorted(VISION_PRESETS)}")
+    return Llama4VisionConfig(**{**VISION_PRESETS[name], **overrides})
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float = LAYER_NORM_EPS) -> Array:
+    """(x - mean) * rsqrt(var + eps) * scale + bias, computed in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def vision_rope_angles(config: Llama4VisionConfig) -> np.ndarray:
+    """[L + 1, H/2] fp32 angles: pair k < H/4 turns by (x+1) f_k, pair H/4 + k by (y+1) f_k,
+    f_k = theta^(-4k/H), for patch (x, y) of the row-major grid; the CLS row (last) is 0."""
+    g, half = config.grid_size, config.head_dim // 2
+    exponent = np.arange(0, half, 2)[: half // 2].astype(np.float32) / np.float32(half)
+    freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    idx = np.arange(g * g)
+    x = (idx % g + 1).astype(np.float32)[:, None] * freq
+    y = (idx // g + 1).astype(np.float32)[:, None] * freq
+    angles = np.concatenate([x, y], axis=-1)
+    return np.concatenate([angles, np.zeros((1, half), np.float32)]).astype(np.float32)
+
+
+def patchify(pixels_nchw: Array, patch: int) -> Array:
+    """[N, C, S, S] -> [N, L, C*P*P]: torch Unfold's order (patches row-major, (c, ky, kx))."""
+    n, c, s, _ = pixels_nchw.shape
+    g = s // patch
+    x = pixels_nchw.reshape(n, c, g, patch, g, patch)
+    return x.transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * patch * patch)
+
+
+def pixel_shuffle(x_nlc: Array, ratio: float) -> Array:
+    """[N, L, C] -> [N, L r^2, C / r^2], exactly HF's and Meta's `pixel_shuffle`."""
+    n, length, c = x_nlc.shape
+    side = int(math.isqrt(length))
+    x = x_nlc.reshape(n, side, side, c)
+    x = x.reshape(n, side, int(side * ratio), int(c / ratio)).transpose(0, 2, 1, 3)
+    x = x.reshape(n, int(side * ratio), int(side * ratio), int(c / ratio**2))
+    return x.transpose(0, 2, 1, 3).reshape(n, -1, int(c / ratio**2))
+
+
+def replace_image_embeddings(
+    x_btd: Array, tokens_bt: Array, image_embeds_md: Array, image_token_id: int
+) -> Array:
+    """Row-major over (b, t), the i-th `image_token_id` position takes image_embeds_md[i]
+    (HF's `masked_scatter`; Meta's per-sample scatter gives the same order)."""
+    mask_bt = tokens_bt == image_token_id
+    index_bt = jnp.cumsum(mask_bt.reshape(-1)).reshape(mask_bt.shape) - 1
+    index_bt = jnp.clip(index_bt, 0, image_embeds_md.shape[0] - 1)
+    gathered = jnp.take(image_embeds_md.astype(x_btd.dtype), index_bt, axis=0)
+    return jnp.where(mask_bt[..., None], gathered, x_btd)
+
+
+def check_image_inputs(
+    config: Llama4MultimodalConfig, tokens_bt: Any, pixel_values: Any | None
+) -> None:
+    """Shape of `pixel_values` [N, C, S, S]; with concrete tokens, one `<|patch|>` per feature.
+
+    Raises ValueError naming what is wrong. The shape check also runs under `jax.jit`; the
+    count check needs concrete tokens, so call this before jitting a forward pass.
+    """
+    v = config.vision
+    if pixel_values is None:
+        return
+    expected = (v.num_channels, v.image_size, v.image_size)
+    shape = tuple(pixel_values.shape)
+    if len(shape) != 4 or shape[1:] != expected:
+        hint = ""
+        if len(shape) == 4 and shape[1] != v.num_channels:
+            hint = f" ({shape[1]} channels, the model takes {v.num_channels})"
+        raise ValueError(
+            f"pixel_values: expected tiles [N, {', '.join(map(str, expected))}], got shape "
+            f"{shape}{hint}"
+        )
+    if tokens_bt is None or isinstance(tokens_bt, jax.core.Tracer):
+        return
+    placeholders = int(np.sum(np.asarray(tokens_bt) == config.image_token_index))
+    features = shape[0] * v.tokens_per_tile
+    if placeholders != features:
+        raise ValueError(
+            f"pixel_values: {shape[0]} tiles give {features} image features "
+            f"({v.tokens_per_tile} per tile), but the tokens hold {placeholders} image "
+            f"placeholders (id {config.image_token_index}); more images than placeholders, "
+            "or fewer?"
+        )
+
+
+# ---- modules ----------------------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+    config: Llama4VisionConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = _param(self, "scale", (d,), ("norm",), nn.initializers.ones)
+        bias = _param(self, "bias", (d,), ("norm",), nn.initializers.zeros)
+        return layer_norm(x, scale, bias)
+
+
+class VisionAttention(nn.Module):
+    """Non-causal multi-head attention with biases and 2D RoPE (no qk-norm, no GQA)."""
+
+    config: Llama4VisionConfig
+
+    @nn.compact
+    def __call__(self, x_nld: Array, rope) -> Array:
+        cfg = self.config
+        d, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        qkv_axes, bias_axes = (
+            ("vision_embed", "vision_heads", "head_dim"),
+            ("vision_heads", "head_dim"),
+        )
+        dtype = x_nld.dtype
+
+        def project(name):
+            w = _param(self, f"{name}_proj", (d, k, h), qkv_axes, _fan_in_init(d))
+            b = _param(self, f"{name}_bias", (k, h), bias_axes, nn.initializers.zeros)
+            return jnp.einsum("nld,dkh->nlkh", x_nld, w.astype(dtype)) + b.astype(dtype)
+
+        q, k_, v = project("q"), project("k"), project("v")
+        q, k_ = apply_rope(q, *rope), apply_rope(k_, *rope)
+        t = x_nld.shape[1]
+        out = dot_product_attention(q, k_, v, jnp.ones((1, t, t), bool))
+        wo = _param(
+            self, "o_proj", (k, h, d), ("vision_heads", "head_dim", "vision_embed"), _fan_in_init(d)
+        )
+        bo = _param(self, "o_bias", (d,), ("vision_embed",), nn.initializers.zeros)
+        return jnp.einsum("nlkh,khd->nld", out, wo.astype(dtype)) + bo.astype(dtype)
+
+
+class Linear(nn.Module):
+    """x @ kernel (+ bias): a torch Linear with its weight stored transposed ([in, out])."""
+
+    config: Llama4VisionConfig
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d_in = x.shape[-1]
+        w = _param(self, "kernel", (d_in, self.features), self.axes, _fan_in_init(d_in))
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+        if self.use_bias:
+            b = _param(self, "bias", (self.features,), self.axes[1:], nn.initializers.zeros)
+            y = y + b.astype(x.dtype)
+        return y
+
+
+def gelu(x: Array) -> Array:
+    """torch.nn.GELU(): the exact erf form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class VisionEncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(LN(x)), then + fc2(GELU(fc1(LN(x)))); the body of the scan."""
+
+    config: Llama4VisionConfig
+
+    @nn.compact
+    def __call__(self, x_nld: Array, rope):
+        cfg = self.config
+        x_nld = x_nld + VisionAttention(cfg, name="self_attn")(
+            LayerNorm(cfg, name="input_layernorm")(x_nld), rope
+        )
+        h = LayerNorm(cfg, name="post_attention_layernorm")(x_nld)
+        h = Linear(cfg, cfg.intermediate_size, ("vision_embed", "vision_mlp"), True, name="fc1")(h)
+        h = Linear(cfg, cfg.hidden_size, ("vision_mlp", "vision_embed"), True, name="fc2")(gelu(h))
+        return nn.with_logical_constraint(x_nld + h, ACT_NLD), None
+
+
+def scanned_encoder(config: Llama4VisionConfig) -> type[nn.Module]:
+    body = VisionEncoderLayer
+    if config.remat_policy != "none":
+        body = nn.remat(body, policy=REMAT_FNS[config.remat_policy], prevent_cse=False)
+    return nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,),
+        length=config.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Llama4VisionModel(nn.Module):
+    """pixel tiles [N, C, S, S] -> adapter features [N, L r^2, projector_output_dim]."""
+
+    config: Llama4VisionConfig
+
+    @nn.compact
+    def __call__(self, pixels_nchw: Array) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        d, p = cfg.hidden_size, cfg.patch_size
+        with jax.named_scope("patch_embedding"):
+            patches = patchify(pixels_nchw.astype(dtype), p)
+            w = _param(
+                self,
+                "patch_embedding",
+                (cfg.num_channels * p * p, d),
+                ("vision_patch", "vision_embed"),
+                _fan_in_init(cfg.num_channels * p * p),
+            )
+            x = jnp.einsum("nlp,pd->nld", patches, w.astype(dtype))
+        init = nn.initializers.normal(d**-0.5)
+        cls = _param(self, "class_embedding", (d,), ("vision_embed",), init)
+        pos = _param(
+            self,
+            "positional_embedding_vlm",
+            (cfg.num_patches + 1, d),
+            ("vision_positions", "vision_embed"),
+            init,
+        )
+        cls_n1d = jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, d))
+        x = jnp.concatenate([x, cls_n1d], axis=1) + pos.astype(dtype)
+        x = nn.with_logical_constraint(LayerNorm(cfg, name="layernorm_pre")(x), ACT_NLD)
+        angles = jnp.asarray(vision_rope_angles(cfg))[None]  # [1, L+1, H/2]
+        rope = (jnp.cos(angles), jnp.sin(angles))
+        x, _ = scanned_encoder(cfg)(cfg, name="layers")(x, rope)
+        x = LayerNorm(cfg, name="layernorm_post")(x)[:, :-1]  # drop CLS
+        with jax.named_scope("vision_adapter"):
+            x = pixel_shuffle(x, cfg.pixel_shuffle_ratio)
+            axes = ("vision_mlp", "vision_adapter")
+            x = gelu(Linear(cfg, cfg.projector_input_dim, axes, False, name="adapter_fc1")(x))
+            axes = ("vision_adapter", "vision_adapter_out")
+            x = gelu(Linear(cfg, cfg.projector_output_dim, axes, False, name="adapter_fc2")(x))
+        return x
+
+
+class Llama4ForConditionalGeneration(nn.Module):
+    """tokens [B, T] int32 and pixel tiles [N, C, S, S] float32 -> logits [B, T, V] float32.
+
+    `apply(variables, tokens, pixel_values=tiles)`: each tile gives `config.vision.
+    tokens_per_tile` features, projected to the text hidden size; they replace the embeddings of
+    the `<|patch|>` tokens (`config.image_token_index`) in row-major (batch, position) order.
+    Other arguments (positions_bt, segment_ids_bt, a KV cache) go to the language model, so
+    without `pixel_values` this is `Llama4ForCausalLM` on `params["language_model"]`.
+    `method="encode_images"` gives the projected image embeddings [N * tokens_per_tile, D] alone.
+    """
+
+    config: Llama4MultimodalConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.language_model = Llama4ForCausalLM(cfg.text)
+        self.vision_model = Llama4VisionModel(cfg.vision)
+        self.multi_modal_projector = Linear(
+            cfg.vision, cfg.text.hidden_size, ("vision_adapter_out", "embed"), False
+        )
+
+    def encode_images(self, pixel_values: Array) -> Array:
+        """pixel tiles [N, C, S, S] -> image embeddings [N * tokens_per_tile, D]."""
+        check_image_inputs(self.config, None, pixel_values)
+        features_nlp = self.vision_model(pixel_values)
+        return self.multi_modal_projector(features_nlp.reshape(-1, features_nlp.shape[-1]))
+
+    def __call__(self, tokens_bt: Array, *args, pixel_values: Array | None = None, **kwargs):
+        if pixel_values is None:
+            return self.language_model(tokens_bt, *args, **kwargs)
+        check_image_inputs(self.config, tokens_bt, pixel_values)
+        merge = image_merger(self.config, tokens_bt, self.encode_images(pixel_values))
+        return self.language_model(tokens_bt, *args, merge_embeds=merge, **kwargs)
+
+
+def image_merger(
+    config: Llama4MultimodalConfig, tokens_bt: Array, image_embeds_md: Array
+) -> Callable[[Array], Array]:
+    """The `merge_embeds` argument of `Llama4ForCausalLM` that puts `image_embeds_md` (from
+    `encode_images`) at the `<|patch|>` tokens of `tokens_bt`."""
+    return functools.partial(
+        replace_image_embeddings,
+        tokens_bt=tokens_bt,
+        image_embeds_md=image_embeds_md,
+        image_token_id=config.image_token_index,
+    )
+
+
+def dummy_inputs(config: Llama4MultimodalConfig, tiles: int = 1) -> tuple[Array, Array]:
+    """Tokens holding one tile's `<|patch|>` tokens and zero pixel tiles, for init/shape runs."""
+    v = config.vision
+    n = v.tokens_per_tile * tiles
+    tokens = jnp.full((1, n + 2), config.image_token_index, jnp.int32).at[:, [0, -1]].set(0)
+    pixels = jnp.zeros((tiles, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    return tokens, pixels
+
+
+def init_params(config: Llama4MultimodalConfig, rng: Array | int = 0) -> dict[str, Any]:
+    """Random parameters (plain arrays) of the multimodal model."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    tokens, pixels = dummy_inputs(config)
+    model = Llama4ForConditionalGeneration(config)
+    return nn.unbox(jax.jit(model.init)(rng, tokens, pixel_values=pixels)["params"])
+
+
+def param_logical_axes(config: Llama4MultimodalConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    tokens, pixels = dummy_inputs(config)
+    model = Llama4ForConditionalGeneration(config)
+    abstract = jax.eval_shape(
+        functools.partial(model.init, pixel_values=pixels), jax.random.key(0), tokens
+    )
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def text_model_with_images(
+    model: Llama4ForConditionalGeneration, params: dict[str, Any], pixel_values: Any
+) -> tuple[Llama4ForCausalLM, dict[str, Any], Array | None]:
+    """(text model, its params, image embeddings [M, D] or None) for KV-cache generation: the
+    prefill passes `merge_embeds=image_merger(config, tokens, embeddings)` to the text model,
+    decode steps run the text model alone."""
+    text_model = Llama4ForCausalLM(model.config.text)
+    if pixel_values is None:
+        return text_model, params["language_model"], None
+    pixels = jnp.asarray(pixel_values, jnp.float32)
+    check_image_inputs(model.config, None, pixels)
+    encode = jax.jit(functools.partial(model.apply, method="encode_images"))
+    return text_model, params["language_model"], encode({"params": params}, pixels)

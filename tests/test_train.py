@@ -1,0 +1,178 @@
+"""Training: the loss falls, checkpoints resume bit-identically after kill -9, restore reshards,
+metrics and FLOP accounting."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from l4jax import from_pretrained, preset
+from l4jax.checkpoint import TrainCheckpointer, export_hf, load_params, write_run_config
+from l4jax.errors import ConfigError
+from l4jax.train import TrainConfig, Trainer, flops_per_token, train
+from pipelines import ByteTokenizer
+from sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = preset("tiny")
+
+
+def _train_cmd(run_dir: Path, steps: int, extra=()) -> list[str]:
+    return [
+        sys.executable, "-m", "l4jax", "train", "--preset", "tiny", "--steps", str(steps),
+        "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--mesh", "fsdp=4,expert=2",
+        "--checkpoint-dir", str(run_dir), "--sample-tokens", "0", "--no-progress",
+        "--log-every", "1000", *extra,
+    ]  # fmt: skip
+
+
+def subprocess_env(tmp_path: Path, devices: int = 8) -> dict[str, str]:
+    """Same device count as the tests; a shared compilation cache so reruns skip compiling."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def wait_for_step_then_kill(procs, run_dir: Path, saved_step: int, timeout: float = 600) -> None:
+    """SIGKILL every process once checkpoint `saved_step` is complete and training has gone
+    past it (so the kill lands between checkpoints)."""
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        done = (run_dir / str(saved_step) / "commit_success.txt").exists() or (
+            run_dir / str(saved_step) / "_CHECKPOINT_METADATA"
+        ).exists()
+        if done and metrics.exists() and max(read_losses(metrics), default=0) > saved_step:
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+            for p in procs:
+                p.wait()
+            return
+        if any(p.poll() is not None for p in procs):
+            outs = [p.communicate()[0] for p in procs]
+            pytest.fail(f"training ended before it could be killed: {outs}")
+        time.sleep(0.01)
+    pytest.fail("training did not reach the checkpoint in time")
+
+
+@pytest.mark.slow
+def test_loss_falls_and_checkpoints_are_written(tmp_path):
+    tc = TrainConfig(
+        steps=30, batch_size=8, seq_len=64, learning_rate=3e-3, warmup_steps=5, save_every=10,
+        checkpoint_dir=str(tmp_path / "run"), metrics_jsonl=str(tmp_path / "m.jsonl"),
+        progress=False, sample_tokens=16, log_every=100,
+    )  # fmt: skip
+    result = train(TINY, tc, mesh=make_mesh("fsdp=8"))
+    losses = read_losses(tmp_path / "m.jsonl")
+    assert sorted(losses) == list(range(1, 31))
+    assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 1
+    assert sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == [
+        10, 20, 30
+    ]  # fmt: skip
+    assert result.sample.startswith(tc.sample_prompt)
+    record = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert {"grad_norm", "lr", "tokens_per_s", "mfu", "router_load"} <= set(record)
+    assert len(record["router_load"]) == TINY.num_local_experts
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    # the saved params are an l4jax param tree: load them back onto one device
+    config, params = load_params(tmp_path / "run")
+    assert config.to_hf_dict() == TINY.to_hf_dict()
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(got, np.asarray(want))
+    # ... and exported through the conversion code to a Hugging Face checkpoint
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    _, hf_params = from_pretrained(tmp_path / "hf")
+    for got, want in zip(jax.tree.leaves(hf_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # a finished run is resumed at its end: nothing more to do
+    again = train(TINY, tc, mesh=make_mesh("fsdp=8"), sample=False)
+    assert again.start_step == 30 and not again.losses
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_bit_identical(tmp_path):
+    env = subprocess_env(tmp_path)
+    steps = 24
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(full, steps), env=env, check=True, capture_output=True, cwd=ROOT)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(killed, steps), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_step_then_kill([proc], killed, saved_step=8)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(
+        _train_cmd(killed, steps), env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    want, got = read_losses(full / "metrics.jsonl"), read_losses(killed / "metrics.jsonl")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == want  # exact float equality, every step
+    _, want_params = load_params(full)
+    _, got_params = load_params(killed)
+    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_onto_another_mesh_reshards(tmp_path):
+    tc = TrainConfig(batch_size=8, seq_len=32)
+    saver = Trainer(TINY, tc, make_mesh("fsdp=8"))
+    state = saver.init(seed=3)
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt")
+    checkpointer.save(5, state)
+    checkpointer.close()
+    loader = Trainer(TINY, tc, make_mesh("fsdp=2,expert=4"))
+    restored = TrainCheckpointer(tmp_path / "ckpt").restore(5, loader.abstract_state())
+    assert int(restored.step) == 5
+    for got, want, sharding in zip(
+        jax.tree.leaves((restored.params, restored.opt_state)),
+        jax.tree.leaves((state.params, state.opt_state)),
+        jax.tree.leaves((loader.state_shardings.params, loader.state_shardings.opt_state)),
+    ):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_changed_model_in_same_run_dir_is_refused(tmp_path):
+    write_run_config(tmp_path, TINY, {})
+    write_run_config(tmp_path, TINY, {"steps": 2})  # same model: fine
+    with pytest.raises(ConfigError, match="different model"):
+        write_run_config(tmp_path, preset("tiny", hidden_size=32), {})
+
+
+def test_flops_per_token_counts_active_experts_and_attention():
+    moe16 = preset("moe16")
+    dense_like = moe16.replace(num_experts_per_tok=2)
+    d, f = moe16.hidden_size, moe16.intermediate_size
+    per_expert = 6 * 3 * d * f * len(moe16.moe_layers)
+    assert flops_per_token(dense_like, 256) - flops_per_token(moe16, 256) == per_expert
+    # attention grows with length on global layers, stops at the chunk on chunked layers
+    short, long = flops_per_token(moe16, 256), flops_per_token(moe16, 2048)
+    nope_layers = moe16.num_hidden_layers - sum(moe16.chunked_layers)
+    n_h = moe16.num_attention_heads * moe16.head_dim
+    assert long - short == pytest.approx(12 * n_h * (2048 - 256) / 2 * nope_layers)
+
+
+def test_byte_tokenizer_round_trips():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo\n", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids[1:-1]) < 256
+    assert tok.decode(ids) == "héllo\n"
