@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from l4jax.errors import ConfigError
+from l4jax.errors import ConfigError, read_json_object
 
 MOE_IMPLS = ("ragged_dot", "pallas", "dense", "gather")  # gather: decoding only
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -154,13 +154,7 @@ class Llama4Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **runtime: Any) -> Llama4Config:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        hf = read_json_object(path)
         try:
             return cls.from_hf_dict(hf, **runtime)
         except ConfigError as e:

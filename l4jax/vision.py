@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l4jax.config import DTYPES, REMAT_POLICIES, Llama4Config
-from l4jax.errors import ConfigError
+from l4jax.errors import ConfigError, read_json_object
 from l4jax.model import (
     REMAT_POLICIES as REMAT_FNS,
 )
@@ -278,13 +278,7 @@ class Llama4MultimodalConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **runtime: Any) -> Llama4MultimodalConfig:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        hf = read_json_object(path)
         try:
             return cls.from_hf_dict(hf, **runtime)
         except ConfigError as e:

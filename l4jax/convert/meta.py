@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import pickle
 import re
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from l4jax.errors import CheckpointError
+from l4jax.errors import CheckpointError, read_json_object
 
 
 class CheckpointFileNotFoundError(CheckpointError, FileNotFoundError):
@@ -427,16 +426,9 @@ def _vision_recipes(vision: dict[str, Any], d: _Dims) -> dict[str, _Recipe]:
 
 def _read_params(path: Path) -> dict[str, Any]:
     file = path / "params.json"
-    try:
-        with open(file) as f:
-            params = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointFileNotFoundError(f"{file}: not found (not a Meta checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{file}: must be a JSON object, got {type(params).__name__}")
-    return params
+    if not file.is_file():
+        raise CheckpointFileNotFoundError(f"{file}: not found (not a Meta checkpoint)")
+    return read_json_object(file, CheckpointError)
 
 
 def _shard_files(path: Path) -> list[Path]:
