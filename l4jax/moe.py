@@ -138,16 +138,31 @@ def xla_grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     )
 
 
+def pallas_tiling(m: int, k: int, n: int, groups: int = 1) -> tuple[int, int, int]:
+    """MXU tiles (tm, tk, tn) for the Pallas kernels over `m` rows in `groups` experts: 512
+    where the dims allow, else the dim rounded up to 128; tm at most the mean rows per expert
+    (rounded up to 128), since a row tile that straddles experts is multiplied once per expert.
+    A 128^3 step is far shorter than the ~0.35 us fixed cost of a Pallas grid step and only
+    reaches 64 FLOP/byte; 512^3 reaches 256 (see benchmarks/README.md)."""
+
+    def tile(d: int) -> int:
+        return min(512, -(-d // 128) * 128)
+
+    return tile(-(-m // groups)), tile(k), tile(n)
+
+
 def _pallas_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     from l4jax.kernels import gmm  # imported lazily: Pallas is only needed on this path
 
-    return gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+    tiling = pallas_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
+    return gmm(lhs, rhs, group_sizes, tiling=tiling, preferred_element_type=lhs.dtype)
 
 
 def _pallas_swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> Array:
     from l4jax.kernels import gmm_swiglu  # gate and up in one pass, SiLU before the store
 
-    return gmm_swiglu(x_md, gate, up, group_sizes, preferred_element_type=x_md.dtype)
+    tiling = pallas_tiling(x_md.shape[0], x_md.shape[1], gate.shape[2], gate.shape[0])
+    return gmm_swiglu(x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype)
 
 
 XLA_OPS = GroupedOps(xla_grouped_matmul, unfused_swiglu(xla_grouped_matmul))
@@ -215,6 +230,13 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def resolve_impl(impl: str) -> str:
+    """The backend `impl` names: `auto` is the Pallas kernels on TPU, `ragged_dot` elsewhere."""
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.default_backend() == "tpu" else "ragged_dot"
+
+
 def routed_experts(
     impl: str,
     x_td: Array,
@@ -227,7 +249,8 @@ def routed_experts(
 
     `w` holds the experts from `expert_offset` on (all of them unless expert-parallel).
     """
-    return BACKENDS[impl](x_td, expert_ids_tk, scores_tk, w, expert_offset=expert_offset)
+    backend = BACKENDS[resolve_impl(impl)]
+    return backend(x_td, expert_ids_tk, scores_tk, w, expert_offset=expert_offset)
 
 
 # ---- dispatch: where the router and the routed experts run -----------------------------------

@@ -157,3 +157,18 @@ def test_sharded_model_matches_transformers(name, tmp_path):
         assert "shard_map" in str(jax.make_jaxpr(apply)({"params": params}, tokens))
         logits = np.asarray(apply({"params": params}, tokens))
     assert rel_err(logits, ref) < 1e-4
+
+
+def test_dispatch_choice_is_part_of_the_jit_cache_key():
+    """A function traced without a mesh is traced again under one (and picks the EP dispatch)."""
+    seen = []
+
+    @jax.jit
+    def f(x):
+        seen.append(type(moe.current_dispatch()))
+        return x + 1
+
+    f(jnp.ones(8))
+    with jax.set_mesh(make_mesh("expert=8")):
+        f(jnp.ones(8))
+    assert seen[0] is not ExpertParallel and seen[1] is ExpertParallel

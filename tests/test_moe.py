@@ -179,3 +179,39 @@ def test_gmm_swiglu_bf16_grads():
         assert got.dtype == jnp.bfloat16
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2 * scale)
+
+
+def test_pallas_grid_stops_at_the_routed_rows():
+    """Rows past sum(group_sizes) (the other devices' experts' rows under expert parallelism)
+    are off the kernels' grid and come out as zeros (gmm) / zero gradients (tgmm)."""
+    from l4jax.kernels.gmm import active_visits, make_group_schedule, tgmm
+    from l4jax.kernels.gmm import gmm as pallas_gmm
+
+    sizes = jnp.asarray([0, 5, 0, 9, 0, 0], jnp.int32)  # 14 routed rows of 200
+    sched = make_group_schedule(sizes, 200, 16)
+    # of 13 row tiles + 6 group ends, only tile 0 and the ends of groups 0, 1, 2 start before row 14
+    assert int(active_visits(sched, sizes, 200)) == 4
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((200, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 24, 20)), jnp.float32)
+    out = pallas_gmm(x, w, sizes, tiling=(16, 16, 16))
+    np.testing.assert_allclose(out, _ref_gmm(x, w, sizes), rtol=1e-5, atol=1e-5)
+    dw = tgmm(x, out, sizes, tiling=(16, 16, 16))
+    np.testing.assert_allclose(dw, _ref_tgmm(x, out, sizes), rtol=1e-5, atol=1e-4)
+
+
+def test_pallas_tiling_uses_big_tiles_where_dims_allow():
+    assert moe.pallas_tiling(8192, 5120, 8192) == (512, 512, 512)
+    assert moe.pallas_tiling(40, 200, 8192) == (128, 256, 512)
+    assert moe.pallas_tiling(8192, 5120, 8192, groups=128) == (128, 512, 512)  # 64 rows/expert
+
+
+def test_auto_backend_is_pallas_on_tpu_only(monkeypatch):
+    from l4jax import preset
+
+    assert preset("tiny").moe_impl == "auto"
+    assert moe.resolve_impl("auto") == "ragged_dot"  # this CPU
+    assert moe.resolve_impl("dense") == "dense"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert moe.resolve_impl("auto") == "pallas"
+    assert moe.resolve_impl("ragged_dot") == "ragged_dot"

@@ -95,6 +95,15 @@ def make_group_schedule(group_sizes: jax.Array, m: int, tm: int) -> GroupSchedul
     )
 
 
+def active_visits(sched: GroupSchedule, group_sizes: jax.Array, m: int) -> jax.Array:
+    """int32 scalar: the visits that start before ``sum(group_sizes)`` (a prefix, as visits are
+    sorted by row). The kernels' grids stop there: row tiles past the routed rows (under
+    expert parallelism most of the gathered buffer: the other devices' experts' rows) cost no
+    grid steps and no DMA; the callers zero what those visits would have written."""
+    total = jnp.minimum(jnp.sum(group_sizes.astype(jnp.int32)), m)
+    return jnp.maximum(jnp.sum(sched.row_start < total), 1).astype(jnp.int32)
+
+
 def _row_mask(sched: GroupSchedule, v: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """[rows, cols] bool: which rows of visit v's row tile belong to its group."""
     rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + sched.tile_ids[v] * shape[0]
@@ -240,7 +249,7 @@ def _gmm_call(
     rhs = [_pad_axis(_pad_axis(r.astype(dtype), k_axis, tk), n_axis, tn) for r in rhs_gkn]
     sched = make_group_schedule(group_sizes, m, tm)
     tiles_n, tiles_k = rhs[0].shape[n_axis] // tn, lhs.shape[1] // tk
-    num_visits = sched.tile_ids.shape[0]
+    num_visits = sched.tile_ids.shape[0]  # static bound; the grid runs the active ones
 
     def lhs_map(n_i: Index, v: Index, k_i: Index, *s: jax.Array) -> tuple[Index, ...]:
         return GroupSchedule(*s).tile_ids[v], k_i
@@ -267,7 +276,7 @@ def _gmm_call(
         out_shape=jax.ShapeDtypeStruct((lhs.shape[0], tiles_n * tn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(sched),
-            grid=(tiles_n, num_visits, tiles_k),
+            grid=(tiles_n, active_visits(sched, group_sizes, m), tiles_k),
             in_specs=[pl.BlockSpec((tm, tk), lhs_map)]
             + [pl.BlockSpec(rhs_block, rhs_map)] * len(rhs),
             out_specs=pl.BlockSpec((tm, tn), out_map),
@@ -279,7 +288,9 @@ def _gmm_call(
         cost_estimate=cost,
         interpret=_interpret_params(interpret),
     )(*sched, lhs, *rhs)
-    return out[:m, :n]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
+    routed = rows < jnp.sum(group_sizes.astype(jnp.int32))
+    return jnp.where(routed, out[:m, :n], 0).astype(out_dtype)  # tiles past it: never written
 
 
 def _tgmm_call(
@@ -301,7 +312,7 @@ def _tgmm_call(
     lhs = _pad_axis(_pad_axis(lhs_mk.astype(dtype), 0, tm), 1, tk)
     dout = _pad_axis(_pad_axis(dout_mn.astype(dtype), 0, tm), 1, tn)
     sched = make_group_schedule(group_sizes, m, tm)
-    tiles_k, tiles_n, num_visits = lhs.shape[1] // tk, dout.shape[1] // tn, sched.tile_ids.shape[0]
+    tiles_k, tiles_n = lhs.shape[1] // tk, dout.shape[1] // tn
 
     def lhs_map(k_i: Index, n_i: Index, v: Index, *s: jax.Array) -> tuple[Index, ...]:
         return GroupSchedule(*s).tile_ids[v], k_i
@@ -324,7 +335,7 @@ def _tgmm_call(
         out_shape=jax.ShapeDtypeStruct((num_groups, tiles_k * tk, tiles_n * tn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(sched),
-            grid=(tiles_k, tiles_n, num_visits),
+            grid=(tiles_k, tiles_n, active_visits(sched, group_sizes, m)),
             in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), dout_map)],
             out_specs=pl.BlockSpec((None, tk, tn), out_map),
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
@@ -335,7 +346,8 @@ def _tgmm_call(
         cost_estimate=cost,
         interpret=_interpret_params(interpret),
     )(*sched, lhs, dout)
-    return out[:, :k, :n]
+    # empty groups after the last routed row have no active visit: never written
+    return jnp.where(group_sizes[:, None, None] > 0, out[:, :k, :n], 0).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- gmm + VJP
