@@ -18,7 +18,8 @@ import numpy as np
 
 from l4jax.errors import ConfigError, read_json_object
 
-MOE_IMPLS = ("ragged_dot", "pallas", "dense", "gather")  # gather: decoding only
+# auto: pallas on TPU, else ragged_dot (l4jax.moe.resolve_impl); gather: decoding only
+MOE_IMPLS = ("auto", "ragged_dot", "pallas", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,7 +75,7 @@ class Llama4Config:
     # l4jax runtime settings (not part of the checkpoint)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    moe_impl: str = "ragged_dot"
+    moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
 
     # ---- construction -------------------------------------------------------------------

@@ -43,6 +43,7 @@ from l4jax.convert import from_pretrained
 from l4jax.convert.load import open_checkpoint, source_config
 from l4jax.errors import ConfigError
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
+from l4jax.moe import resolve_impl
 from l4jax.tokenizer import Message, Tokenizer
 from l4jax.vision import replace_image_embeddings
 
@@ -402,11 +403,13 @@ def decode(
 
 def decode_moe_backend(config: Llama4Config, batch: int, decode_moe_impl: str = "auto") -> str:
     """The MoE backend of decode steps. "auto": `gather` (read only the chosen experts) while
-    batch * top_k < num_experts and the model uses `ragged_dot`, else the model's own."""
+    batch * top_k < num_experts and the model uses `ragged_dot` (or `auto` off TPU), else the
+    model's own."""
     if decode_moe_impl != "auto":
         return decode_moe_impl
     few_rows = batch * config.num_experts_per_tok < config.num_local_experts
-    return "gather" if few_rows and config.moe_impl == "ragged_dot" else config.moe_impl
+    model_impl = resolve_impl(config.moe_impl)
+    return "gather" if few_rows and model_impl == "ragged_dot" else model_impl
 
 
 def make_loop(
@@ -427,7 +430,8 @@ def make_loop(
     config = model.config
     pad_id = default_pad_id(config) if pad_id is None else pad_id
     impl = decode_moe_backend(config, batch, decode_moe_impl)
-    decode_model = model if impl == config.moe_impl else type(model)(config.replace(moe_impl=impl))
+    same = impl == resolve_impl(config.moe_impl)
+    decode_model = model if same else type(model)(config.replace(moe_impl=impl))
     sampling = Sampling() if sampling is None else sampling
     return _Loop(
         model,

@@ -682,7 +682,7 @@ def add_train_arguments(p: Any) -> None:
     model.add_argument("--config", help="a Hugging Face config.json (instead of --preset)")
     model.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     model.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master weights")
-    model.add_argument("--moe-impl", choices=("ragged_dot", "pallas", "dense"))
+    model.add_argument("--moe-impl", choices=("auto", "ragged_dot", "pallas", "dense"))
     model.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialisation policy")
     data = p.add_argument_group("data")
     data.add_argument(
