@@ -130,12 +130,17 @@ def _native_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
 
 def xla_grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     """`jax.lax.ragged_dot`, except on CPU: XLA:CPU lowers ragged_dot to a dense masked matmul
-    over every group (G times the work), so there the chunk loop `chunked_gmm` runs instead."""
+    over every group (G times the work), so there the chunk loop `chunked_gmm` runs instead.
+
+    The platform is read when tracing (`jax.default_backend()`), like the Pallas kernels'
+    interpret mode, not with `jax.lax.platform_dependent`: that is a `cond`, whose outputs
+    are new values, so inside the scanned layers the backward pass's residuals (each layer's
+    expert weights) would be stacked into one more copy of all expert weights per train step.
+    """
     from l4jax.kernels.chunked_gmm import chunked_gmm  # lazily, like the Pallas kernels
 
-    return jax.lax.platform_dependent(
-        lhs, rhs, group_sizes, cpu=chunked_gmm, default=_native_ragged_dot
-    )
+    grouped_matmul = chunked_gmm if jax.default_backend() == "cpu" else _native_ragged_dot
+    return grouped_matmul(lhs, rhs, group_sizes)
 
 
 def pallas_tiling(m: int, k: int, n: int, groups: int = 1) -> tuple[int, int, int]:

@@ -176,3 +176,17 @@ def test_byte_tokenizer_round_trips():
     ids = tok.encode("héllo\n", bos=True, eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids[1:-1]) < 256
     assert tok.decode(ids) == "héllo\n"
+
+
+def test_train_step_keeps_no_stacked_copy_of_the_expert_weights():
+    """The scanned layers' backward reads each layer's expert weights from the params; it must
+    not save them as stacked residuals (+1x expert weights per step: a `lax.cond`, e.g.
+    `platform_dependent`, around the grouped matmul did that). With few tokens the step's
+    temporaries are the gradients plus a few layer slices, well under 2.5x the params."""
+    config = preset("tiny", num_hidden_layers=8, num_local_experts=64, vocab_size=256)
+    tc = TrainConfig(batch_size=1, seq_len=16, warmup_steps=0)
+    trainer = Trainer(config, tc, make_mesh("", devices=jax.devices()[:1]))
+    trainer.compile(trainer.abstract_state())
+    param_bytes = 4 * config.num_params()
+    assert config.num_hidden_layers // config.scan_period >= 2  # a real scan over groups
+    assert trainer._step.memory_analysis().temp_size_in_bytes < 2.5 * param_bytes
