@@ -639,13 +639,16 @@ def chat_loop(
     lines: Iterator[str],
     write: Callable[[str], Any],
     system: str | None = None,
+    encode: Callable[[list[Message]], list[int]] | None = None,
     **generate_kwargs: Any,
 ) -> list[Message]:
     """Interactive chat: each line from `lines` is a user turn; replies stream to `write`.
 
-    Every turn re-encodes the whole dialog in Meta's chat format. Ends at EOF or "/exit";
-    returns the dialog.
+    Every turn re-encodes the whole dialog with `encode` (default: Meta's chat format,
+    `tokenizer.encode_dialog_prompt`; with images: `l4jax.preprocess.image_prompt_encoder`).
+    Ends at EOF or "/exit"; returns the dialog.
     """
+    encode = encode or tokenizer.encode_dialog_prompt
     messages = [Message("system", system)] if system else []
     for line in lines:
         text = line.rstrip("\n")
@@ -654,7 +657,7 @@ def chat_loop(
         if not text.strip():
             continue
         messages.append(Message("user", text))
-        prompt = tokenizer.encode_dialog_prompt(messages)
+        prompt = encode(messages)
         write("assistant> ")
         reply_ids, stop = stream_generate(
             model, params, tokenizer, prompt, write, **generate_kwargs
@@ -679,14 +682,15 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         prompt.add_argument(
             "--chat-json", help='file with a JSON list of {"role", "content"} messages'
         )
-        p.add_argument(
-            "--image",
-            action="append",
-            default=[],
-            metavar="PATH",
-            help="an image before the prompt text / first user message (repeatable; needs a "
-            "multimodal checkpoint)",
-        )
+    where = "the first user turn" if chat else "the prompt text / first user message"
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"an image in {where}, at its <|image|> placeholders if it has any, else before "
+        "its text (repeatable; needs a multimodal checkpoint)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -713,9 +717,18 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _check_images(paths: Sequence[str]) -> None:
+    """Unreadable image files fail before a checkpoint is loaded (ImageError naming the file)."""
+    from l4jax.preprocess import load_image
+
+    for path in paths:
+        load_image(path)
+
+
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`l4jax generate`: one completion, streamed to stdout."""
     messages = None if args.prompt is not None else read_chat_json(args.chat_json)
+    _check_images(args.image)
     model, params, tokenizer = load_for_generation(
         args.checkpoint, args.preset, args.dtype, args.seed, vision=bool(args.image)
     )
@@ -738,9 +751,16 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 
 def run_chat_cli(args: argparse.Namespace) -> int:
     """`l4jax chat`: read user turns from stdin until EOF or /exit."""
+    _check_images(args.image)
     model, params, tokenizer = load_for_generation(
-        args.checkpoint, args.preset, args.dtype, args.seed
+        args.checkpoint, args.preset, args.dtype, args.seed, vision=bool(args.image)
     )
+    encode, images = None, {}
+    if args.image:  # preprocessed and encoded once, in the first user message of every turn
+        from l4jax.preprocess import image_generation_model, image_prompt_encoder
+
+        encode, pixels = image_prompt_encoder(model, tokenizer, args.image)
+        model, params, images = image_generation_model(model, params, pixels)
     interactive = sys.stdin.isatty()
 
     def lines() -> Iterator[str]:
@@ -752,5 +772,6 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    chat_loop(model, params, tokenizer, lines(), _write, args.system, **_sampling_kwargs(args))
+    kwargs = {**_sampling_kwargs(args), **images}
+    chat_loop(model, params, tokenizer, lines(), _write, args.system, encode, **kwargs)
     return 0

@@ -8,7 +8,8 @@ Pixel-for-pixel the pipeline of Meta's `llama_models/llama4/preprocess.py` +
    one needing the least upscaling, else the least downscaling, then the smallest area;
 3. resize without distortion (PIL bilinear) to fit the canvas, upscaling at most to S
    unless `resize_to_max_canvas`;
-4. pad right/bottom with black, normalise (x / 255 - 0.5) / 0.5 in float32;
+4. pad right/bottom with black, normalise (x / 255 - 0.5) / 0.5 in float32 (or, with
+   `pixel_dtype="bfloat16"`, rounded to bfloat16 op by op as Hugging Face's processor does);
 5. split into h x w tiles [3, S, S], row-major; if there is more than one, append a global
    tile: the whole image resized (with distortion) to S x S.
 
@@ -17,8 +18,8 @@ Each tile becomes `tokens_per_tile` `<|patch|>` tokens (144 for Llama 4), laid o
 `<|image|>` global-or-only-tile patches `<|image_end|>` (Meta's `ChatFormat._encode_image`, HF's
 `Llama4Processor._prompt_split_image`).
 
-Hugging Face's processor differs from Meta's in two ways we do not follow: it resizes with
-torchvision's tensor kernels and rounds the normalised pixels to bfloat16.
+Hugging Face's processor differs from Meta's in two ways: it resizes with torchvision's tensor
+kernels (not followed here) and normalises in bfloat16 (`pixel_dtype="bfloat16"`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import io
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ml_dtypes import bfloat16
 from PIL import Image, UnidentifiedImageError
 
 from l4jax.errors import ConfigError, ImageError
@@ -41,7 +43,9 @@ from l4jax.vision import Llama4VisionConfig
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 TILE_SIZE = 336
+IMAGE_PLACEHOLDER = "<|image|>"  # in prompt text: where an image goes (HF's processor convention)
 MAX_NUM_TILES = 16  # Meta's ChatFormat max_num_chunks, HF's max_patches
+PIXEL_DTYPES = ("float32", "bfloat16")
 IMAGE_TOKENS = (
     "<|image_start|>",
     "<|image_end|>",
@@ -199,10 +203,19 @@ def _resize(image: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
     return image.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
 
 
-def normalize(pixels_hwc: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [3, H, W]: (x / 255 - 0.5) / 0.5, op by op in float32."""
-    x = pixels_hwc.astype(np.float32).transpose(2, 0, 1) / np.float32(255)
-    return (x - np.float32(0.5)) / np.float32(0.5)
+def normalize(pixels_hwc: np.ndarray, pixel_dtype: str = "float32") -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W]: (x / 255 - 0.5) / 0.5.
+
+    "float32": op by op in float32 (Meta's ToTensor + Normalize). "bfloat16": HF's
+    `Llama4ImageProcessor.rescale_and_normalize` on a bfloat16 tensor, x * (1 / 255), - 0.5,
+    / 0.5, each result rounded to bfloat16 (returned as float32 holding those values).
+    """
+    x = pixels_hwc.astype(np.float32).transpose(2, 0, 1)
+    if pixel_dtype == "float32":
+        return (x / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    x = (x * np.float32(1 / 255)).astype(bfloat16).astype(np.float32)
+    x = (x - np.float32(0.5)).astype(bfloat16).astype(np.float32)
+    return x / np.float32(0.5)  # exact: a bfloat16 value times 2
 
 
 def preprocess_image(
@@ -210,10 +223,14 @@ def preprocess_image(
     tile_size: int = TILE_SIZE,
     max_num_tiles: int = MAX_NUM_TILES,
     resize_to_max_canvas: bool = False,
+    pixel_dtype: str = "float32",
 ) -> ProcessedImage:
-    """Tiles [n, 3, S, S] float32 (canvas tiles row-major, then the global tile if n > 1)."""
+    """Tiles [n, 3, S, S] float32 (canvas tiles row-major, then the global tile if n > 1);
+    `pixel_dtype="bfloat16"` rounds the normalisation as HF's processor (`normalize`)."""
     if max_num_tiles < 1:
         raise ImageError(f"max_num_tiles must be positive, got {max_num_tiles}")
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise ImageError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
     rgb = load_image(image)
     hw = (rgb.height, rgb.width)
     canvas = best_canvas(hw, supported_canvases(max_num_tiles, tile_size), resize_to_max_canvas)
@@ -221,10 +238,10 @@ def preprocess_image(
     padded = np.zeros((*canvas, 3), np.uint8)
     padded[: resized.height, : resized.width] = np.asarray(resized)
     rows, cols = canvas[0] // tile_size, canvas[1] // tile_size
-    x = normalize(padded).reshape(3, rows, tile_size, cols, tile_size)
+    x = normalize(padded, pixel_dtype).reshape(3, rows, tile_size, cols, tile_size)
     tiles = x.transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile_size, tile_size)
     if rows * cols > 1:
-        whole = normalize(np.asarray(_resize(rgb, (tile_size, tile_size))))
+        whole = normalize(np.asarray(_resize(rgb, (tile_size, tile_size))), pixel_dtype)
         tiles = np.concatenate([tiles, whole[None]])
     return ProcessedImage(np.ascontiguousarray(tiles), (rows, cols))
 
@@ -256,6 +273,7 @@ class ImageProcessor:
     `tokens_for`/`pixel_values` give what `Llama4ForConditionalGeneration` takes; `expand` puts
     each image's tokens where the prompt has an `<|image|>` placeholder (as HF's processor does
     with its text), `encode_dialog_prompt` builds Meta's chat prompt with image content.
+    `pixel_dtype="bfloat16"` gives HF's bfloat16-rounded pixel values (`normalize`).
     """
 
     def __init__(
@@ -264,18 +282,32 @@ class ImageProcessor:
         special_tokens: Mapping[str, int],
         max_num_tiles: int = MAX_NUM_TILES,
         resize_to_max_canvas: bool = False,
+        pixel_dtype: str = "float32",
     ) -> None:
         missing = [name for name in IMAGE_TOKENS if name not in special_tokens]
         if missing:
             raise ImageError(f"the tokenizer has no {missing[0]} token")
+        if vision.num_channels != 3:
+            raise ConfigError(
+                f"vision_config.num_channels: {vision.num_channels}, but images are preprocessed "
+                "to RGB tiles (3 channels)"
+            )
         self.vision = vision
         self.special_tokens = dict(special_tokens)
         self.max_num_tiles = max_num_tiles
         self.resize_to_max_canvas = resize_to_max_canvas
+        self.pixel_dtype = pixel_dtype
 
-    def __call__(self, image: ImageLike) -> ProcessedImage:
+    def __call__(self, image: ImageLike | ProcessedImage) -> ProcessedImage:
+        """Preprocess one image (a `ProcessedImage` passes through unchanged)."""
+        if isinstance(image, ProcessedImage):
+            return image
         return preprocess_image(
-            image, self.vision.image_size, self.max_num_tiles, self.resize_to_max_canvas
+            image,
+            self.vision.image_size,
+            self.max_num_tiles,
+            self.resize_to_max_canvas,
+            self.pixel_dtype,
         )
 
     def tokens_for(self, image: ProcessedImage) -> list[int]:
@@ -303,13 +335,16 @@ class ImageProcessor:
     def encode_completion(
         self, tokenizer: Any, text: str, images: Sequence[ImageLike]
     ) -> tuple[list[int], np.ndarray | None]:
-        """Meta's `ChatFormat.encode_content([images..., text])`: `<|begin_of_text|>`, each
-        image's tokens, then the text. Returns (tokens, pixel_values or None)."""
-        processed = [self(image) for image in images]
-        ids = [tokenizer.bos_id]
-        for image in processed:
-            ids += self.tokens_for(image)
-        ids += tokenizer.encode(text, bos=False, eos=False)
+        """`<|begin_of_text|>` and Meta's `ChatFormat.encode_content(place_images(text, images))`:
+        each image's tokens at an `<|image|>` of the text, or all before a text without one.
+        Returns (tokens, pixel_values or None)."""
+        ids, processed = [tokenizer.bos_id], []
+        for piece in place_images(text, images, "the prompt"):
+            if isinstance(piece, str):
+                ids += tokenizer.encode(piece, bos=False, eos=False)
+            else:
+                processed.append(self(piece))
+                ids += self.tokens_for(processed[-1])
         return ids, self.pixel_values(processed)
 
     def encode_dialog_prompt(
@@ -350,6 +385,87 @@ class ImageProcessor:
         return ids, images
 
 
+# ---- prompts with images, for generation ---------------------------------------------------------
+
+
+def place_images(text: str, images: Sequence[Any], where: str) -> list[Any]:
+    """Content pieces: `images` at the `<|image|>` placeholders of `text`, one each (as HF's
+    processor reads a prompt), or all before the text if it has none (Meta's order).
+    A count mismatch raises ImageError naming `where` the text is."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        return [*images, text]
+    if len(pieces) - 1 != len(images):
+        raise ImageError(
+            f"{len(images)} image(s) for {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) "
+            f"in {where}"
+        )
+    content = [pieces[0]]
+    for image, piece in zip(images, pieces[1:]):
+        content += [image, piece]
+    return [piece for piece in content if not isinstance(piece, str) or piece]
+
+
+def attach_images(messages: Sequence[Any], images: Sequence[Any]) -> list[Any]:
+    """`messages` with `images` in the first user message: at the `<|image|>` placeholders of
+    its text content (`place_images`), else before its content."""
+    messages = list(messages)
+    first = next((i for i, m in enumerate(messages) if m.role == "user"), None)
+    if first is None:
+        raise ImageError("the chat has no user message to attach the images to")
+    content = messages[first].content
+    if isinstance(content, str):
+        content = place_images(content, images, "the first user message")
+    else:
+        content = [*images, *content]
+    messages[first] = dataclasses.replace(messages[first], content=content)
+    return messages
+
+
+def _require_multimodal(model: Any) -> None:
+    from l4jax.vision import Llama4ForConditionalGeneration
+
+    if not isinstance(model, Llama4ForConditionalGeneration):
+        raise ConfigError(
+            "images need a multimodal checkpoint (config.json with a vision_config, or "
+            "params.json with vision_args)"
+        )
+
+
+def image_prompt_encoder(
+    model: Any, tokenizer: Any, images: Sequence[ImageLike]
+) -> tuple[Callable[[Any], list[int]], np.ndarray]:
+    """Preprocess `images` once for prompts that hold them: (encode, pixel_values [N, 3, S, S]).
+
+    `encode(text)` is the completion prompt (`ImageProcessor.encode_completion`),
+    `encode(messages)` the chat prompt with the images in the first user message
+    (`attach_images`); a chat re-encodes its dialog every turn with the same images.
+    """
+    _require_multimodal(model)
+    processor = ImageProcessor(model.config.vision, tokenizer.special_tokens)
+    processed = [processor(image) for image in images]
+
+    def encode(prompt: str | Sequence[Any]) -> list[int]:
+        if isinstance(prompt, str):
+            return processor.encode_completion(tokenizer, prompt, processed)[0]
+        return processor.encode_dialog_prompt(tokenizer, attach_images(prompt, processed))[0]
+
+    return encode, processor.pixel_values(processed)
+
+
+def image_generation_model(
+    model: Any, params: Any, pixel_values: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(text model, its params, generate kwargs `image_embeds`/`image_token_id`): the images
+    are encoded once; `l4jax.generate` merges them into the prefill of a prompt holding them."""
+    from l4jax.vision import text_model_with_images
+
+    _require_multimodal(model)
+    text_model, text_params, embeds = text_model_with_images(model, params, pixel_values)
+    kwargs = {"image_embeds": embeds, "image_token_id": model.config.image_token_index}
+    return text_model, text_params, kwargs
+
+
 def image_generation_inputs(
     model: Any,
     params: Any,
@@ -361,30 +477,13 @@ def image_generation_inputs(
     """What `l4jax.generate` needs to generate from a prompt with images: (text model, its
     params, prompt ids, generate kwargs `image_embeds`/`image_token_id`).
 
-    The prompt is Meta's completion `<|begin_of_text|>` + images + `text`, or the chat prompt of
-    `messages` with the images before the first user message's content.
+    The prompt is Meta's completion `<|begin_of_text|>` + `text` with the images, or the chat
+    prompt of `messages` with the images in the first user message; either way at the
+    `<|image|>` placeholders of the text if it has any, else before it.
     """
-    from l4jax.vision import Llama4ForConditionalGeneration, text_model_with_images
-
-    if not isinstance(model, Llama4ForConditionalGeneration):
-        raise ConfigError(
-            "images need a multimodal checkpoint (config.json with a vision_config, or "
-            "params.json with vision_args)"
-        )
-    processor = ImageProcessor(model.config.vision, tokenizer.special_tokens)
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text or messages")
-    if text is not None:
-        ids, pixels = processor.encode_completion(tokenizer, text, images)
-    else:
-        messages = list(messages)
-        first = next((i for i, m in enumerate(messages) if m.role == "user"), None)
-        if first is None:
-            raise ImageError("the chat has no user message to attach the images to")
-        content = messages[first].content
-        content = [content] if isinstance(content, str) else list(content)
-        messages[first] = dataclasses.replace(messages[first], content=[*images, *content])
-        ids, pixels = processor.encode_dialog_prompt(tokenizer, messages)
-    text_model, text_params, embeds = text_model_with_images(model, params, pixels)
-    kwargs = {"image_embeds": embeds, "image_token_id": model.config.image_token_index}
+    encode, pixels = image_prompt_encoder(model, tokenizer, images)
+    ids = encode(text if messages is None else messages)
+    text_model, text_params, kwargs = image_generation_model(model, params, pixels)
     return text_model, text_params, ids, kwargs

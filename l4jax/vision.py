@@ -8,10 +8,11 @@
          in order (tiles row-major, the global tile last).
 
 Parameters are named like Hugging Face's `Llama4ForConditionalGeneration` (`vision_model`,
-`multi_modal_projector`, `language_model`) and carry logical axis names; the vision-only axes
-(`vision_embed`, `vision_heads`, `vision_mlp`, `vision_adapter`, ...) are replicated unless a
-sharding rule names them. Shapes in names: N tiles, L patches per tile (+1 CLS), Dv vision
-hidden, K heads, H head_dim, F MLP hidden, B batch, T tokens, D text hidden.
+`multi_modal_projector`, `language_model`) and carry logical axis names; `sharding/rules.py`
+maps the vision-only ones (`vision_embed`, `vision_heads`, `vision_mlp`, `vision_adapter`, ...)
+like the text model's (docs/vision.md, "Sharding"). Shapes in names: N tiles, L patches per
+tile (+1 CLS), Dv vision hidden, K heads, H head_dim, F MLP hidden, B batch, T tokens, D text
+hidden.
 """
 
 from __future__ import annotations

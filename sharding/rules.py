@@ -29,6 +29,9 @@ FSDP: Rules = (
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_vision_tiles", _BATCH),  # image tiles are split like token rows
+    ("activation_vision_length", None),  # 577 positions (576 patches + CLS): a prime
+    ("activation_vision_embed", None),
     # parameters
     ("layers", None),
     ("expert", "expert"),  # before `embed`: rules claim mesh axes in list order
@@ -41,6 +44,19 @@ FSDP: Rules = (
     ("mlp", "tensor"),
     ("router_experts", None),
     ("norm", None),
+    # vision tower (l4jax.vision), Megatron-style like the text layers: attention heads and MLP
+    # hidden on `tensor`, the hidden size on fsdp x expert. The adapter's fc1 takes `tensor` on
+    # its output (`vision_adapter`), so its input (`vision_mlp`) falls back to fsdp x expert;
+    # the projector's input (`vision_adapter_out`) falls back to `tensor` (`embed` took fsdp).
+    ("vision_embed", ("fsdp", "expert")),
+    ("vision_heads", "tensor"),
+    ("vision_adapter", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_mlp", ("fsdp", "expert")),
+    ("vision_adapter_out", ("fsdp", "expert")),
+    ("vision_adapter_out", "tensor"),
+    ("vision_patch", None),
+    ("vision_positions", None),
     # KV cache
     ("cache_batch", _BATCH),
     ("cache_length", None),

@@ -32,12 +32,16 @@ from transformers.image_utils import SizeDict
 from transformers.models import llama4
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
+from l4jax.errors import ConfigError
 from l4jax.preprocess import (
+    PIXEL_DTYPES,
     ImageError,
     ImageProcessor,
+    attach_images,
     best_canvas,
     image_token_ids,
     load_image,
+    normalize,
     preprocess_image,
     resized_size,
     supported_canvases,
@@ -145,6 +149,8 @@ def hf() -> Any:
     tree = ast.parse(source.read_text())
     body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
     assert {n.name for n in body} == wanted
+    (processor,) = [n for n in tree.body if getattr(n, "name", "") == "Llama4ImageProcessor"]
+    body += [n for n in processor.body if getattr(n, "name", "") == "rescale_and_normalize"]
     namespace = {"math": math, "torch": torch, "defaultdict": defaultdict, "lru_cache": lru_cache,
                  "SizeDict": SizeDict}  # fmt: skip
     exec(compile(ast.Module(body=body, type_ignores=[]), str(source), "exec"), namespace)
@@ -335,6 +341,39 @@ def test_placeholders_expand_as_hf_processor(tok: Tokenizer) -> None:
     assert processor.expand(ids, images) == ref
     assert [im.aspect_ratio for im in images] == [(2, 3), (1, 1)]
     assert processor.pixel_values(images).shape == (2 * 3 + 1 + 1, 3, 336, 336)  # + global
+    # a prompt's or the first user message's <|image|> placeholders take the images likewise
+    dialog = attach_images([Message("user", "<|image|>Compare<|image|> these.")], images)
+    assert processor.encode_dialog_prompt(tok, dialog)[0] == ref + tok.encode_header("assistant")
+    completion = "Compare <|image|>and<|image|>."
+    ids = tok.encode(completion, bos=True, eos=False, allowed_special="all")
+    assert processor.encode_completion(tok, completion, images)[0] == processor.expand(ids, images)
+
+
+def test_bfloat16_pixels_round_as_hf_processor(hf: Any) -> None:
+    """`pixel_dtype="bfloat16"` equals HF's `Llama4ImageProcessor.rescale_and_normalize` (run
+    from its source; torchvision's `normalize` is the stand-in's) bit for bit: for every uint8
+    value, and on every tile of a preprocessed image (canvas pixels read back from float32)."""
+    normalize_stand_in = _torchvision_stand_in()["torchvision.transforms"].Normalize
+    stand_in = types.SimpleNamespace(
+        normalize=lambda x, mean, std: normalize_stand_in(mean, std)(x)
+    )
+
+    def hf_pixels(uint8_nchw: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(uint8_nchw, np.uint8))
+        out = hf.rescale_and_normalize(stand_in, x, True, 1 / 255, True, [0.5] * 3, [0.5] * 3)
+        assert out.dtype == torch.bfloat16
+        return out.float().numpy()
+
+    every = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
+    ours = normalize(every, "bfloat16")
+    np.testing.assert_array_equal(ours, hf_pixels(every.transpose(2, 0, 1)))
+    assert np.mean(ours == normalize(every)) < 0.6  # float32 (Meta's) differs for most values
+    tiles = {d: preprocess_image(picture(400, 900, 4), pixel_dtype=d).tiles for d in PIXEL_DTYPES}
+    canvas = np.rint((tiles["float32"].astype(np.float64) * 0.5 + 0.5) * 255)
+    assert tiles["bfloat16"].shape == (2 * 3 + 1, 3, 336, 336)
+    np.testing.assert_array_equal(tiles["bfloat16"], hf_pixels(canvas))
+    with pytest.raises(ImageError, match="pixel_dtype must be one of"):
+        preprocess_image(picture(20, 20), pixel_dtype="float16")
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -357,10 +396,12 @@ def test_unreadable_images_raise(tmp_path: Path) -> None:
         preprocess_image(b"not a picture")
 
 
-def test_wrong_channel_count_raises() -> None:
+def test_wrong_channel_count_raises(tok: Tokenizer) -> None:
     for shape in ((10, 10, 4), (10, 10, 1), (10, 10)):
         with pytest.raises(ImageError, match=r"expected an RGB array \[H, W, 3\]"):
             preprocess_image(np.zeros(shape, np.uint8))
+    with pytest.raises(ConfigError, match="vision_config.num_channels: 4, but images are"):
+        ImageProcessor(SCOUT.replace(num_channels=4), tok.special_tokens)
     with pytest.raises(ImageError, match="uint8"):
         preprocess_image(np.zeros((10, 10, 3), np.float32))
     array = np.asarray(picture(50, 60))
@@ -377,5 +418,7 @@ def test_more_images_than_placeholders_raises(tok: Tokenizer) -> None:
         processor.expand(ids, images)
     with pytest.raises(ImageError, match=r"1 image\(s\) for 2"):
         processor.expand(ids, images[:1])
+    with pytest.raises(ImageError, match=r"3 image\(s\) for 1 <\|image\|> .* in the prompt"):
+        processor.encode_completion(tok, "<|image|> one?", images)
     with pytest.raises(ImageError, match="no <|patch|> token"):
         ImageProcessor(SCOUT, {"<|image|>": 1})

@@ -13,8 +13,11 @@ from l4jax import preset
 from l4jax.errors import ConfigError
 from l4jax.model import param_logical_axes
 from l4jax.train import TrainConfig, Trainer
+from l4jax.vision import Llama4ForConditionalGeneration, Llama4MultimodalConfig, vision_preset
+from l4jax.vision import init_params as init_multimodal
+from l4jax.vision import param_logical_axes as multimodal_logical_axes
 from sharding import make_mesh, parse_mesh_spec
-from sharding.rules import spec_for
+from sharding.rules import batch_sharding, mesh_context, shard_params, spec_for
 
 # two layers (one dense, one MoE) keep the compiles short; every parameter kind is present
 CONFIG = preset("tiny", num_experts_per_tok=2, num_hidden_layers=2)
@@ -63,6 +66,12 @@ def reference():
     return params, jax.device_get(state.params), jax.device_get(metrics)
 
 
+def _ways(spec, mesh):
+    """How many pieces each dimension of an array with PartitionSpec `spec` is split into."""
+    names = [(a,) if isinstance(a, str) else tuple(a or ()) for a in spec]
+    return [math.prod(mesh.shape[n] for n in axes) for axes in names]
+
+
 def _assert_sharded_as_ruled(tree, mesh, logical_axes):
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(logical_axes)
@@ -70,9 +79,7 @@ def _assert_sharded_as_ruled(tree, mesh, logical_axes):
         expected = spec_for(tuple(axes))
         assert leaf.sharding.spec == expected, (jax.tree_util.keystr(path), leaf.sharding.spec)
         shard = leaf.addressable_shards[0].data.shape
-        for dim, mesh_axes in enumerate(expected):
-            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            ways = math.prod(mesh.shape[n] for n in names)
+        for dim, ways in enumerate(_ways(expected, mesh)):
             assert shard[dim] * ways == leaf.shape[dim], (jax.tree_util.keystr(path), dim)
 
 
@@ -95,6 +102,54 @@ def test_sharded_step_matches_unsharded(reference, strategy):
     adam = state.opt_state[1][0]
     _assert_sharded_as_ruled(adam.mu, mesh, logical)
     _assert_sharded_as_ruled(adam.nu, mesh, logical)
+
+
+MULTIMODAL = Llama4MultimodalConfig(
+    CONFIG, vision_preset("tiny"), image_token_index=CONFIG.vocab_size - 1
+)
+
+
+@pytest.fixture(scope="module")
+def multimodal_reference():
+    """Params, a batch of 8 token rows holding 3 tiles' <|patch|> tokens (a tile count that
+    does not split over the mesh), the tiles, and the unsharded logits."""
+    rng = np.random.default_rng(1)
+    tiles = 3
+    tokens = rng.integers(0, CONFIG.vocab_size - 1, (8, 16))
+    slots = rng.choice(tokens.size, tiles * MULTIMODAL.vision.tokens_per_tile, replace=False)
+    tokens.reshape(-1)[slots] = MULTIMODAL.image_token_index
+    tokens = jnp.asarray(tokens, jnp.int32)
+    pixels = jnp.asarray(rng.standard_normal((tiles, 3, 56, 56)), jnp.float32)
+    params = init_multimodal(MULTIMODAL, 0)
+    apply = jax.jit(Llama4ForConditionalGeneration(MULTIMODAL).apply)
+    want = apply({"params": params}, tokens, pixel_values=pixels)
+    return params, tokens, pixels, np.asarray(want)
+
+
+@pytest.mark.parametrize("mesh_spec", ["fsdp=8", "data=2,expert=2,tensor=2"])
+def test_sharded_multimodal_forward_matches_unsharded(multimodal_reference, mesh_spec):
+    params, tokens, pixels, want = multimodal_reference
+    mesh = make_mesh(mesh_spec)
+    logical = multimodal_logical_axes(MULTIMODAL)
+    with mesh_context(mesh):
+        sharded = shard_params(params, logical, mesh)
+        apply = jax.jit(Llama4ForConditionalGeneration(MULTIMODAL).apply)
+        tokens = jax.device_put(tokens, batch_sharding(mesh))
+        got = apply({"params": sharded}, tokens, pixel_values=pixels)
+    assert np.max(np.abs(got - want)) < 1e-5 * np.max(np.abs(want))
+    _assert_sharded_as_ruled(sharded, mesh, logical)
+    # the vision axes have rules: every vision weight but the LayerNorms is split, except that
+    # the biases over heads / MLP hidden (on `tensor` alone, as in Megatron) need a tensor axis
+    vision = {
+        jax.tree_util.keystr(path, simple=True, separator="/"): spec_for(tuple(axes))
+        for path, axes in jax.tree_util.tree_leaves_with_path(logical)
+        if any(str(name).startswith("vision_") for name in axes)
+    }
+    assert len(vision) == 18
+    whole = {name for name, spec in vision.items() if math.prod(_ways(spec, mesh)) == 1}
+    tensor_only = {f"vision_model/layers/self_attn/{x}_bias" for x in "qkv"}
+    tensor_only.add("vision_model/layers/fc1/bias")
+    assert whole == (set() if mesh.shape["tensor"] > 1 else tensor_only)
 
 
 def test_router_losses_are_optional_and_reported(reference):

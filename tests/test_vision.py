@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -470,28 +472,42 @@ def test_bad_pixels_and_placeholder_counts_raise(hf_checkpoint: tuple[Any, Path]
 # ---- generation with images -------------------------------------------------------------------
 
 
-def test_generate_cli_with_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`l4jax generate --image` streams what `generate` gives, whose prefill (text model + image
-    embeddings merged at the patches) has the multimodal model's logits."""
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A multimodal checkpoint with the default tokenizer's vocabulary and two pictures: wide
+    (1x2 tiles + global) and small (one tile)."""
     from PIL import Image
 
+    from l4jax.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("cli")
+    text = Llama4Config.from_hf_dict(
+        dict(MAVERICK_LIKE, num_hidden_layers=2, vocab_size=Tokenizer.default().n_words)
+    )
+    build_hf(Llama4MultimodalConfig(text, TINY), seed=12).save_pretrained(path / "ckpt")
+    rng = np.random.default_rng(13)
+    for name, shape in (("wide.png", (40, 90, 3)), ("small.png", (30, 30, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(path / name)
+    return path / "ckpt", path / "wide.png", path / "small.png"
+
+
+def test_generate_cli_with_image(
+    cli_checkpoint: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`l4jax generate --image` streams what `generate` gives, whose prefill (text model + image
+    embeddings merged at the patches) has the multimodal model's logits."""
     from l4jax.cli import main
     from l4jax.generate import generate
     from l4jax.preprocess import ImageProcessor, image_generation_inputs
     from l4jax.tokenizer import Tokenizer
 
+    ckpt, image, _ = cli_checkpoint
     tok = Tokenizer.default()
-    text = Llama4Config.from_hf_dict(
-        dict(MAVERICK_LIKE, num_hidden_layers=2, vocab_size=tok.n_words)
-    )
-    build_hf(Llama4MultimodalConfig(text, TINY), seed=12).save_pretrained(tmp_path / "ckpt")
-    image = tmp_path / "wide.png"
-    Image.fromarray(np.random.default_rng(13).integers(0, 256, (40, 90, 3), np.uint8)).save(image)
-    args = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Describe:"]
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "Describe:"]
     args += ["--image", str(image), "--max-new-tokens", "2", "--temperature", "0"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    jmodel, params = l4jax.from_pretrained(tmp_path / "ckpt")
+    jmodel, params = l4jax.from_pretrained(ckpt)
     ids, pixels = ImageProcessor(TINY, tok.special_tokens).encode_completion(
         tok, "Describe:", [image]
     )
@@ -509,6 +525,78 @@ def test_generate_cli_with_image(tmp_path: Path, capsys: pytest.CaptureFixture[s
     before_stop = itertools.takewhile(lambda t: t not in tok.stop_tokens, new[0, -2:].tolist())
     assert out == tok.decode(list(before_stop)) + "\n"  # what the CLI streamed
     with pytest.raises(SystemExit):  # --image needs --prompt or --chat-json, as before
-        main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(image)])
+        main(["generate", "--checkpoint", str(ckpt), "--image", str(image)])
     with pytest.raises(ConfigError, match="images need a multimodal checkpoint"):
         image_generation_inputs(text_model, text_params, tok, [image], text="x")
+
+
+def test_chat_cli_with_images(
+    cli_checkpoint: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`l4jax chat --image A --image B`: the images sit at the `<|image|>` placeholders of the
+    first user turn in every turn's prompt (Meta's chat format), each reply is what `generate`
+    gives with their embeddings; bad input is a one-line error and exit code 2."""
+    from l4jax.cli import main
+    from l4jax.generate import generate
+    from l4jax.preprocess import ImageProcessor
+    from l4jax.tokenizer import Message, Tokenizer
+    from l4jax.vision import text_model_with_images
+
+    ckpt, wide, small = cli_checkpoint
+    tok = Tokenizer.default()
+    opts = ["--max-new-tokens", "2", "--temperature", "0", "--system", "Be brief."]
+    args = ["chat", "--checkpoint", str(ckpt), "--image", str(wide), "--image", str(small), *opts]
+    turns = ["Compare <|image|> with <|image|>.", "Which is larger?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{t}\n" for t in turns)))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # the reference: every turn's dialog encoded with the images in the first user message
+    jmodel, params = l4jax.from_pretrained(ckpt)
+    processor = ImageProcessor(TINY, tok.special_tokens)
+    first = Message("user", ["Compare ", wide, " with ", small, "."])
+    dialog = [Message("system", "Be brief."), first]
+    expected = ""
+    for turn, text in enumerate(turns):
+        if turn:
+            dialog.append(Message("user", text))
+        ids, pixels = processor.encode_dialog_prompt(tok, dialog)
+        assert ids.count(200092) == (3 + 1) * 4  # 1x2 tiles + global, one tile: 4 patches each
+        text_model, text_params, embeds = text_model_with_images(jmodel, params, pixels)
+        new = generate(
+            text_model, text_params, [ids], 2, pad_to_multiple_of=64, stop_ids=tok.stop_tokens,
+            on_token=lambda t: None,  # streamed like the CLI: the same compiled loop
+            image_embeds=embeds, image_token_id=200092,
+        )[0, -2:].tolist()  # fmt: skip
+        reply = list(itertools.takewhile(lambda t: t not in tok.stop_tokens, new))
+        stop = None if len(reply) == len(new) else new[len(reply)]
+        reason = {None: "out_of_tokens", tok.eom_id: "end_of_message"}.get(stop, "end_of_turn")
+        dialog.append(Message("assistant", tok.decode(reply), stop_reason=reason))
+        expected += f"assistant> {tok.decode(reply)}\n"
+    assert out == expected
+    # bad input: an unreadable image (refused before loading), more images than placeholders,
+    # a vision tower that does not take 3 channels
+
+    def fails(argv: list[str], stdin: str, message: str) -> None:
+        capsys.readouterr()
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        assert main(["chat", *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # stderr: the loader's progress bar, then one line
+        line = f"(^|[\r\n])l4jax chat: error: [^\r\n]*{message}[^\r\n]*\n\\Z"
+        assert re.search(line, captured.err), captured.err
+
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a picture")
+    fails(["--preset", "tiny", "--image", str(garbage)], "hi\n", "garbage.png: not an image file")
+    many = r"2 image\(s\) for 1 <\|image\|> placeholder\(s\) in the first user message"
+    fails(args[1:], "Only <|image|> here\n", many)
+    text = Llama4Config.from_hf_dict(
+        dict(MAVERICK_LIKE, num_hidden_layers=1, vocab_size=tok.n_words)
+    )
+    rgba_tower = Llama4MultimodalConfig(text, TINY.replace(num_channels=4))
+    build_hf(rgba_tower, seed=3).save_pretrained(tmp_path / "four")
+    four = ["--checkpoint", str(tmp_path / "four"), "--image", str(wide)]
+    fails(four, "hi\n", "vision_config.num_channels: 4, but images are preprocessed to RGB")
