@@ -48,7 +48,7 @@ def compare_backends(
 
     results = []
     for backend in backends:
-        model, params = from_pretrained(path, dtype="float32", moe_impl=backend)
+        model, params = from_pretrained(path, dtype="float32", text_only=True, moe_impl=backend)
         logits = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
         results.append(Comparison(backend, rel_err(np.asarray(logits), ref)))
     return results
@@ -69,7 +69,7 @@ def reference_name(path: str | Path) -> str:
 def checkpoint_format(path: str | Path) -> str:
     from l4jax.convert.convert import open_source
 
-    source, name = open_source(path)
+    source, name, _ = open_source(path)
     source.close()
     return name
 

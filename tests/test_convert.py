@@ -35,6 +35,7 @@ from l4jax.cli import main
 from l4jax.config import Llama4Config
 from l4jax.convert import convert as convert_mod
 from l4jax.convert import export as export_mod
+from l4jax.convert import hostmem
 from l4jax.convert import orbax as orbax_mod
 from l4jax.convert.convert import convert_checkpoint, row_ranges
 from l4jax.convert.export import export_hf
@@ -55,7 +56,8 @@ def small_pieces():
         mp.setattr(orbax_mod, "MAX_PENDING_BYTES", 64 * 1024)
         mp.setattr(convert_mod, "ROW_PIECE_BYTES", 100_000)  # 2 of 16 experts per piece
         mp.setattr(convert_mod, "REMAP_BYTES", 200_000)
-        mp.setattr(export_mod, "SYNC_BYTES", 500_000)
+        mp.setattr(export_mod, "STAGE_BYTES", 3 * 4096)  # direct writes of a few blocks
+        mp.setattr(hostmem, "SMALL_BYTES", 0)  # every piece page-aligned: written directly
         yield
 
 
@@ -127,6 +129,29 @@ def test_hf_l4jax_hf_round_trip_is_bit_identical(hf_dirs, l4jax_fp32, tmp_path, 
         src / "config.json"
     )
     assert json.loads((back / "config.json").read_text())["torch_dtype"] == dtype
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_and_buffered_writes(hf_dirs, tmp_path, monkeypatch, direct):
+    """O_DIRECT writes (where the filesystem has them) and page-cache writes, same bytes."""
+    monkeypatch.setattr(hostmem, "DIRECT", direct)
+    opened = []
+    open_direct = hostmem.open_direct
+
+    def spy(path):
+        opened.append(open_direct(path))
+        return opened[-1]
+
+    monkeypatch.setattr(hostmem, "open_direct", spy)
+    mid = convert_checkpoint(hf_dirs["bfloat16"], tmp_path / "mid", progress=False).dst
+    back = convert_checkpoint(mid, tmp_path / "back", to="hf", progress=False).dst
+    assert_bit_identical(read_hf(back), read_hf(hf_dirs["bfloat16"]))
+    (tmp_path / "probe").touch()
+    if direct and (fd := open_direct(tmp_path / "probe")) is not None:  # (not on tmpfs)
+        os.close(fd)
+        assert sum(fd is not None for fd in opened) > 10
+    else:
+        assert not any(fd is not None for fd in opened)
 
 
 def test_dtype_option_casts_like_numpy(hf_dirs, tmp_path):

@@ -36,11 +36,13 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from l4jax.convert import hostmem
 from l4jax.convert.export import HFWriter
 from l4jax.convert.hf import TEXT_PREFIX, HFCheckpoint
 from l4jax.convert.load import open_checkpoint, source_config
-from l4jax.convert.mapping import Entry, TensorSource, check_source, hf_entries
-from l4jax.convert.orbax import L4jaxCheckpoint, L4jaxWriter
+from l4jax.convert.mapping import Entry, TensorSource, check_source, model_entries
+from l4jax.convert.multimodal import is_multimodal, multimodal_config, open_multimodal, with_runtime
+from l4jax.convert.orbax import L4jaxCheckpoint, L4jaxWriter, fsync_path
 from l4jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 TARGETS = ("l4jax", "hf")
 ROW_PIECE_BYTES = 16 * 2**20  # routed experts are streamed in pieces of about this size
 REMAP_BYTES = 2**30  # Meta shards are re-mapped after this much data was read from them
-_READ_BYTES = 2**30  # largest single read (Linux reads at most ~2 GiB per call)
 PREFETCH = 1  # pieces read ahead of the one being written
 _SAFETENSORS_NUMPY = {
     "F32": np.dtype(np.float32),
@@ -104,8 +105,11 @@ class StreamingHF:
         if rows is not None:
             offset += rows[0] * math.prod(shape[1:]) * dtype.itemsize
             shape = (rows[1] - rows[0], *shape[1:])
-        out = np.empty(shape, dtype)
-        self._pread(file, key, out.reshape(-1).view(np.uint8), offset)
+        out = hostmem.empty(shape, dtype)
+        try:
+            hostmem.pread(file, out, offset)
+        except OSError as e:
+            raise CheckpointError(f"{file}: tensor {key!r} unreadable ({e})") from None
         return out
 
     def _info(self, key: str) -> tuple[str, int, np.dtype, tuple[int, ...]]:
@@ -133,23 +137,6 @@ class StreamingHF:
                 raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from None
         return self._headers[file]
 
-    @staticmethod
-    def _pread(file: str, key: str, buffer: np.ndarray, offset: int) -> None:
-        view = memoryview(buffer)
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                done = 0
-                while done < len(view):
-                    n = os.preadv(fd, [view[done : done + _READ_BYTES]], offset + done)
-                    if n == 0:
-                        raise OSError("file ends early")
-                    done += n
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise CheckpointError(f"{file}: tensor {key!r} unreadable ({e})") from None
-
     def close(self) -> None:
         self._ckpt.close()
 
@@ -173,7 +160,7 @@ class StreamingMeta:
         self._read_bytes += array.nbytes
         if self._read_bytes >= REMAP_BYTES:
             self._ckpt.close()
-            self._ckpt = type(self._ckpt)(self.path)
+            self._ckpt = type(self._ckpt)(self.path, vision=self._ckpt.vision)
             self._read_bytes = 0
         return array
 
@@ -181,14 +168,23 @@ class StreamingMeta:
         self._ckpt.close()
 
 
-def open_source(path: str | os.PathLike) -> tuple[TensorSource, str]:
-    """Detect the format of `path`; open it for streaming. Returns (source, format name)."""
-    ckpt = open_checkpoint(path)
+def open_source(path: str | os.PathLike) -> tuple[TensorSource, str, Any]:
+    """Detect the format of `path`; open it for streaming. Returns (source, format name,
+    config): a multimodal checkpoint (HF or l4jax `vision_config`, Meta `vision_args`) with
+    its vision tower, under HF `Llama4ForConditionalGeneration` names, and its
+    `Llama4MultimodalConfig`; a text one with its `Llama4Config`."""
+    multimodal = is_multimodal(path)
+    ckpt = open_multimodal(path) if multimodal else open_checkpoint(path)
+    try:
+        if isinstance(ckpt, L4jaxCheckpoint):
+            return ckpt, "l4jax", ckpt.config()
+        config = multimodal_config(ckpt) if multimodal else source_config(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
     if isinstance(ckpt, HFCheckpoint):
-        return StreamingHF(ckpt), "hf"
-    if isinstance(ckpt, L4jaxCheckpoint):
-        return ckpt, "l4jax"
-    return StreamingMeta(ckpt), "meta"
+        return StreamingHF(ckpt), "hf", config
+    return StreamingMeta(ckpt), "meta", config
 
 
 def row_ranges(hf_shape: tuple[int, ...], block: int, itemsize: int) -> list[slice]:
@@ -211,7 +207,10 @@ def plan_pieces(
     rows (`get_rows`), whole tensors otherwise."""
     plan = []
     for entry in entries:
-        ranges = row_ranges(entry.hf_shape, writer.row_block(entry), itemsize)
+        block = writer.row_block(entry)
+        if hasattr(source, "row_block"):  # (an l4jax source reads whole chunks)
+            block = math.lcm(block, source.row_block(entry))
+        ranges = row_ranges(entry.hf_shape, block, itemsize)
         if not hasattr(source, "get_rows"):
             ranges = [slice(None)]
         plan += [(entry, rows) for rows in ranges]
@@ -285,15 +284,7 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(dst.parent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,23 +320,15 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     if dst.exists() or dst.is_symlink():
         raise CheckpointError(f"{dst}: already exists (converting never overwrites)")
-    source, src_format = open_source(src)
+    source, src_format, config = open_source(src)
     try:
-        config = source_config(source)
-        entries = hf_entries(config)
+        entries = model_entries(config)
         check_source(source, config, entries)
         target = numpy_dtype(dtype) if dtype is not None else source.dtype(entries[0].hf_key)
         name = str(jnp.dtype(target))
-        config = config.replace(dtype=name, param_dtype=name)
-        log.info(
-            "converting %s (%s, %d layers) to %s (%s, %s)",
-            src,
-            src_format,
-            config.num_hidden_layers,
-            dst,
-            to,
-            name,
-        )
+        config = with_runtime(config, dtype=name, param_dtype=name)
+        kind = "multimodal" if hasattr(config, "vision") else "text"
+        log.info("converting %s (%s, %s) to %s (%s, %s)", src, src_format, kind, dst, to, name)
         start = time.perf_counter()
         try:
             with atomic_directory(dst) as tmp:

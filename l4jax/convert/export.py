@@ -10,7 +10,6 @@ loads the result.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import math
@@ -23,13 +22,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from l4jax.config import Llama4Config
+from l4jax.convert import hostmem
 from l4jax.convert.hf import INDEX_FILE
-from l4jax.convert.mapping import Entry, get_path, hf_entries, param_shapes
+from l4jax.convert.mapping import Entry, get_path, model_entries, param_shapes
+from l4jax.convert.multimodal import with_runtime
 from l4jax.errors import CheckpointError
 
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-SYNC_BYTES = 256 * 2**20  # a background fdatasync starts after each this much written
+STAGE_BYTES = 16 * 2**20  # direct writes of this many bytes (a multiple of hostmem.ALIGN)
+WRITE_THREADS = 2
 _SAFETENSORS_DTYPES = {
     np.dtype(np.float32): "F32",
     np.dtype(np.float16): "F16",
@@ -58,12 +59,13 @@ class _File:
     tensors: list[_Planned]
 
     def header(self, dtype: str) -> bytes:
-        """The safetensors header: u64 length, JSON padded with spaces to 8-byte alignment."""
+        """The safetensors header: u64 length, JSON padded with spaces so that the data starts
+        at a multiple of hostmem.ALIGN (the format asks for 8), where direct writes can."""
         meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         for t in self.tensors:
             meta[t.key] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
         text = json.dumps(meta, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        text += b" " * (-(8 + len(text)) % hostmem.ALIGN)
         return len(text).to_bytes(8, "little") + text
 
 
@@ -84,29 +86,33 @@ def plan_files(entries: list[Entry], itemsize: int, max_bytes: int) -> list[_Fil
 
 
 class HFWriter:
-    """Streams HF tensors, in `hf_entries` order, into a new HF checkpoint directory `dst`.
+    """Streams HF tensors, in `model_entries` order, into a new HF checkpoint directory `dst`
+    (a `Llama4ForCausalLM` one, or `Llama4ForConditionalGeneration` for a multimodal config).
 
     `write(entry, rows, piece)` appends rows `rows` of tensor `entry.hf_key` (consecutive
     pieces, front to back); `finish()` closes the last file and writes the index and
-    `config.json` last, so an unfinished directory is never taken for a checkpoint.
+    `config.json` last, so an unfinished directory is never taken for a checkpoint. The data
+    goes through a STAGE_BYTES buffer written with O_DIRECT (the header, and a file's last
+    partial block, through the page cache), or straight through the page cache where the
+    filesystem has no direct I/O.
     """
 
-    def __init__(
-        self, dst: Path, config: Llama4Config, dtype: Any, max_shard_bytes: int = SHARD_BYTES
-    ):
+    def __init__(self, dst: Path, config: Any, dtype: Any, max_shard_bytes: int = SHARD_BYTES):
         self.dst = Path(dst)
         self.dtype = np.dtype(dtype)
-        self.config = config.replace(param_dtype=str(jnp.dtype(self.dtype)))
+        self.config = with_runtime(config, param_dtype=str(jnp.dtype(self.dtype)))
         self._st_dtype = safetensors_dtype(self.dtype)
-        entries = hf_entries(config)
+        entries = model_entries(config)
         self._files = plan_files(entries, self.dtype.itemsize, max_shard_bytes)
         self._where = {t.key: (i, t) for i, f in enumerate(self._files) for t in f.tensors}
         self._file_index = -1
-        self._handle: Any = None
+        self._fd: int | None = None
+        self._direct: int | None = None  # O_DIRECT descriptor of the same file
+        self._data_start = 0  # file offset of the data section (a multiple of hostmem.ALIGN)
         self._offset = 0  # bytes written into the current file's data section
-        self._unsynced = 0  # bytes written since the last background flush started
-        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l4jax-sync")
-        self._sync: concurrent.futures.Future | None = None
+        self._stage = hostmem.empty((STAGE_BYTES,), np.uint8, aligned=True)
+        self._staged = 0  # bytes in the stage: the data section's last ones
+        self._writes = hostmem.Writes(WRITE_THREADS, 2 * STAGE_BYTES)
 
     def row_block(self, entry: Entry) -> int:
         return 1
@@ -119,15 +125,32 @@ class HFWriter:
         row_bytes = math.prod(entry.hf_shape[1:]) * self.dtype.itemsize
         if planned.begin + start * row_bytes != self._offset:
             raise CheckpointError(f"{entry.hf_key}: pieces out of order for {self._path()}")
-        data = np.ascontiguousarray(piece, dtype=self.dtype)
-        self._handle.write(data.reshape(-1).view(np.uint8).data)
-        self._offset += data.nbytes
-        self._unsynced += data.nbytes
-        if self._unsynced >= SYNC_BYTES and (self._sync is None or self._sync.done()):
-            # flush to disk while writing on, so the final fsync does not wait for the file
-            self._handle.flush()
-            self._sync = self._syncer.submit(os.fdatasync, self._handle.fileno())
-            self._unsynced = 0
+        data = hostmem.contiguous(piece, self.dtype).reshape(-1).view(np.uint8)
+        if self._direct is None:
+            hostmem.pwrite(self._fd, data, self._data_start + self._offset)
+            self._offset += data.size
+            return
+        while data.size:  # (through the stage, flushed whenever full)
+            n = min(len(self._stage) - self._staged, data.size)
+            self._stage[self._staged : self._staged + n] = data[:n]
+            self._staged, self._offset, data = self._staged + n, self._offset + n, data[n:]
+            if self._staged == len(self._stage):
+                self._flush_stage()
+
+    def _flush_stage(self) -> None:
+        """Write the stage in the background (its whole blocks directly, the rest, at a file's
+        end, buffered) and start a new one."""
+        at = self._data_start + self._offset - self._staged
+        whole = self._staged // hostmem.ALIGN * hostmem.ALIGN
+        stage, staged, fd, direct = self._stage, self._staged, self._fd, self._direct
+
+        def write() -> None:
+            hostmem.pwrite(direct, stage[:whole], at)
+            hostmem.pwrite(fd, stage[whole:staged], at + whole)
+
+        self._writes.submit(write, staged, self._path())
+        self._stage = hostmem.empty((STAGE_BYTES,), np.uint8, aligned=True)
+        self._staged = 0
 
     def _path(self) -> Path:
         return self.dst / self._files[self._file_index].name
@@ -135,33 +158,36 @@ class HFWriter:
     def _next_file(self) -> None:
         self._close_file()
         self._file_index += 1
-        self._handle = open(self._path(), "wb")
-        self._handle.write(self._files[self._file_index].header(self._st_dtype))
-        self._offset = 0
+        self._fd = os.open(self._path(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        header = self._files[self._file_index].header(self._st_dtype)
+        hostmem.pwrite(self._fd, header, 0)
+        self._direct = hostmem.open_direct(self._path())
+        self._data_start, self._offset = len(header), 0
 
     def _close_file(self) -> None:
-        if self._handle is None:
+        if self._fd is None:
             return
         expected = self._files[self._file_index].tensors[-1].end
         if self._offset != expected:
             raise CheckpointError(f"{self._path()}: {self._offset} of {expected} bytes written")
-        self._handle.flush()
-        self._wait_sync()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        self._handle = None
+        if self._direct is not None:
+            self._flush_stage()
+            self._writes.wait()
+        os.fsync(self._fd)
+        self._close_fds()
 
-    def _wait_sync(self) -> None:
-        if self._sync is not None:
-            self._sync.result()
-            self._sync = None
+    def _close_fds(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct = None
 
     def finish(self) -> None:
         if self._file_index != len(self._files) - 1:
             missing = self._files[self._file_index + 1].name
             raise CheckpointError(f"{self.dst / missing}: planned but never written")
         self._close_file()
-        self._syncer.shutdown()
+        self._writes.close()
         weight_map = {t.key: f.name for f in self._files for t in f.tensors}
         total = sum(f.tensors[-1].end for f in self._files)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -169,23 +195,20 @@ class HFWriter:
         _write_json(self.dst / "config.json", hf_config_dict(self.config))
 
     def abort(self) -> None:
-        if self._sync is not None:
-            concurrent.futures.wait([self._sync])
-        self._syncer.shutdown()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._writes.abort()
+        self._close_fds()
 
 
-def hf_config_dict(config: Llama4Config) -> dict[str, Any]:
+def hf_config_dict(config: Any) -> dict[str, Any]:
     """`config.json` for transformers: special token ids outside the vocabulary (Llama 4's
     defaults on a small test model, e.g. from a Meta params.json) are written as null, which
     transformers requires."""
     hf = config.to_hf_dict()
+    text = hf.get("text_config", hf)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        ids = hf[name] if isinstance(hf[name], list) else [hf[name]]
-        if any(i is not None and not 0 <= i < config.vocab_size for i in ids):
-            hf[name] = None
+        ids = text[name] if isinstance(text[name], list) else [text[name]]
+        if any(i is not None and not 0 <= i < text["vocab_size"] for i in ids):
+            text[name] = None
     return hf
 
 
@@ -206,10 +229,10 @@ class ParamsSource:
     from device memory holds one tensor (or a few experts of one) on the host at a time.
     """
 
-    def __init__(self, params: dict[str, Any], config: Llama4Config):
+    def __init__(self, params: dict[str, Any], config: Any):
         self.params = params
         self._config = config
-        self._entries = {e.hf_key: e for e in hf_entries(config)}
+        self._entries = {e.hf_key: e for e in model_entries(config)}
         for path, shape in param_shapes(config).items():
             try:
                 leaf = get_path(params, path)
@@ -254,13 +277,16 @@ class ParamsSource:
 
 def export_hf(
     params: dict[str, Any],
-    config: Llama4Config,
+    config: Any,
     dst: str | os.PathLike,
     dtype: Any = None,
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool = True,
 ) -> Path:
-    """Write an in-memory scanned param tree as a Hugging Face checkpoint directory `dst`.
+    """Write an in-memory scanned param tree as a Hugging Face checkpoint directory `dst`:
+    `config` a `Llama4Config` (a `Llama4ForCausalLM` checkpoint) or a `Llama4MultimodalConfig`
+    (`Llama4ForConditionalGeneration`, params `{"language_model", "vision_model",
+    "multi_modal_projector"}`).
 
     `dtype`: stored dtype (default: the params' own). Written under a temporary name and
     renamed when complete; `dst` must not exist. Returns `dst`.
@@ -268,7 +294,7 @@ def export_hf(
     from l4jax.convert.convert import atomic_directory, transfer  # (convert imports this module)
 
     source = ParamsSource(params, config)
-    entries = hf_entries(config)
+    entries = model_entries(config)
     target = np.dtype(dtype) if dtype is not None else source.dtype(entries[0].hf_key)
     with atomic_directory(Path(dst)) as tmp:
         writer = HFWriter(tmp, config, target, max_shard_bytes)

@@ -89,13 +89,17 @@ def from_pretrained(
     `dtype` sets the stored param dtype and the compute dtype (default: the checkpoint's
     `torch_dtype`, else float32); other `Llama4Config` runtime fields (e.g. `moe_impl`,
     `remat_policy`) pass through `runtime`. A multimodal checkpoint (HF `vision_config`, Meta
-    `vision_args`) gives `l4jax.vision.Llama4ForConditionalGeneration`, or with `text_only` the
-    text model `Llama4ForCausalLM` (its vision tensors are not read). An l4jax checkpoint
-    (`l4jax convert`) is restored with Orbax (`restore_params`).
+    `vision_args`, l4jax `vision_config`) gives `l4jax.vision.Llama4ForConditionalGeneration`,
+    or with `text_only` the text model `Llama4ForCausalLM` (its vision tensors are not read).
+    An l4jax checkpoint (`l4jax convert`) is restored with Orbax (`restore_params`).
     """
     if is_l4jax_dir(path):
-        config, params = restore_params(path, dtype=dtype, **runtime)
-        return Llama4ForCausalLM(config), params
+        config, params = restore_params(path, dtype=dtype, text_only=text_only, **runtime)
+        if not hasattr(config, "vision"):
+            return Llama4ForCausalLM(config), params
+        from l4jax.vision import Llama4ForConditionalGeneration
+
+        return Llama4ForConditionalGeneration(config), params
     if not text_only:
         from l4jax.convert.multimodal import is_multimodal, load_multimodal
 

@@ -193,14 +193,15 @@ def hf_entries(config: Llama4Config) -> list[Entry]:
     return entries
 
 
-def param_shapes(config: Llama4Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Full shapes of every l4jax parameter (scanned ones with their leading group axis)."""
-    groups = config.num_hidden_layers // config.scan_period
-    shapes = {}
-    for entry in hf_entries(config):
-        for s in entry.slots:
-            shapes[s.path] = s.shape if s.group is None else (groups, *s.shape)
-    return shapes
+def model_entries(config: Any) -> list[Entry]:
+    """`hf_entries` of a text config, `multimodal_entries` of a `Llama4MultimodalConfig`."""
+    return multimodal_entries(config) if hasattr(config, "vision") else hf_entries(config)
+
+
+def param_shapes(config: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Full shapes of every l4jax parameter (scanned ones with their leading group axis) of a
+    text or multimodal config."""
+    return entry_shapes(model_entries(config))
 
 
 def check_source(source: TensorSource, config: Llama4Config, entries: list[Entry]) -> None:

@@ -475,6 +475,7 @@ class MetaCheckpoint:
         tower and projector under HF names; `hf_config()` is a `llama4` config). Otherwise the
         text model alone, with the vision tensors in `unused_keys()`."""
         self.path = Path(path)
+        self.vision = vision
         params = _read_params(self.path)
         self._config = hf_config_from_params(params)
         self._vision = None

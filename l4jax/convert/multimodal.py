@@ -16,10 +16,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from l4jax.config import Llama4Config
 from l4jax.convert.hf import HFCheckpoint, is_hf_dir
 from l4jax.convert.mapping import TensorSource, multimodal_entries
 from l4jax.errors import CheckpointError, ConfigError
-from l4jax.vision import Llama4ForConditionalGeneration, Llama4MultimodalConfig
+from l4jax.vision import VISION_RUNTIME, Llama4ForConditionalGeneration, Llama4MultimodalConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class HFMultimodalCheckpoint(HFCheckpoint):
 
 
 def is_multimodal(path: str | os.PathLike) -> bool:
-    """A HF checkpoint with a non-empty `vision_config`, or a Meta one with `vision_args`."""
+    """A HF or l4jax checkpoint with a non-empty `vision_config`, or a Meta one with
+    `vision_args`."""
     p = Path(path)
     for name, field in (("config.json", "vision_config"), ("params.json", "vision_args")):
         try:
@@ -43,19 +45,42 @@ def is_multimodal(path: str | os.PathLike) -> bool:
         except (OSError, json.JSONDecodeError):
             continue  # missing or bad: the text loader reports it
         if isinstance(config, dict) and config.get(field):
-            return name == "params.json" or is_hf_dir(p)
+            return name == "params.json" or is_hf_dir(p) or (p / "params" / "_METADATA").is_file()
     return False
 
 
+def model_config(hf: dict[str, Any], **runtime: Any) -> Llama4Config | Llama4MultimodalConfig:
+    """The config of a `config.json` dict: multimodal when it has a non-empty `vision_config`.
+    Raises ConfigError."""
+    if hf.get("vision_config"):
+        return Llama4MultimodalConfig.from_hf_dict(hf, **runtime)
+    return Llama4Config.from_hf_dict(hf, **runtime)
+
+
+def with_runtime(config: Any, **runtime: Any) -> Any:
+    """`config.replace(**runtime)` for a text or multimodal config (whose vision tower takes
+    dtype, param_dtype and remat_policy)."""
+    if not isinstance(config, Llama4MultimodalConfig):
+        return config.replace(**runtime)
+    vision = {k: v for k, v in runtime.items() if k in VISION_RUNTIME}
+    return config.replace(
+        text=config.text.replace(**runtime), vision=config.vision.replace(**vision)
+    )
+
+
 def open_multimodal(path: str | os.PathLike) -> TensorSource:
+    from l4jax.convert.orbax import L4jaxCheckpoint, is_l4jax_dir
+
     p = Path(path)
+    if is_l4jax_dir(p):
+        return L4jaxCheckpoint(p)
     if is_hf_dir(p):
         return HFMultimodalCheckpoint(p)
     if (p / "params.json").is_file():
         from l4jax.convert.meta import MetaCheckpoint
 
         return MetaCheckpoint(p, vision=True)
-    raise CheckpointError(f"{p}: not a Hugging Face or Meta multimodal checkpoint")
+    raise CheckpointError(f"{p}: not a Hugging Face, Meta or l4jax multimodal checkpoint")
 
 
 def multimodal_config(source: Any, **runtime: Any) -> Llama4MultimodalConfig:

@@ -1,6 +1,7 @@
 """The l4jax checkpoint format: `config.json` beside `params/`, an Orbax PyTree checkpoint.
 
-    DIR/config.json          Llama4Config.to_hf_dict() (HF format; torch_dtype = stored dtype)
+    DIR/config.json          the HF config.json (`Llama4Config` or, with a `vision_config`,
+                             `Llama4MultimodalConfig`.to_hf_dict(); torch_dtype = stored dtype)
     DIR/params/_METADATA     Orbax's tree metadata: non-OCDBT layout, zarr v2 arrays
     DIR/params/<a.b.c>/      one zarr v2 array per param of the scanned tree (keys joined by
                              "."), raw (uncompressed) chunks of at most CHUNK_BYTES
@@ -9,17 +10,19 @@
 file: restores name their target shardings), so plain Orbax restores it (e.g.
 `ocp.StandardCheckpointer().restore(DIR / "params", abstract_tree)`) onto any sharding, each
 device reading only the chunks of its slice. `L4jaxWriter` writes it streaming: the arrays are
-created empty and filled with tensorstore one layer slice (or a few experts) at a time, so a
-stacked param is never materialised. Reading (`L4jaxCheckpoint`, `restore_params`) also accepts
-Orbax's default OCDBT layout, i.e. the params item of a training checkpoint.
+created empty (by tensorstore) and their chunk files written one layer slice (or a few
+experts) at a time, so a stacked param is never materialised. Reading (`L4jaxCheckpoint`,
+`restore_params`) also accepts Orbax's default OCDBT layout, i.e. the params item of a training
+checkpoint.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,10 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from l4jax.config import Llama4Config
-from l4jax.convert.mapping import Entry, Slot, get_path, hf_entries, param_shapes, set_path
-from l4jax.errors import CheckpointError, ConfigError
+from l4jax.convert import hostmem
+from l4jax.convert.mapping import Entry, Slot, get_path, model_entries, param_shapes, set_path
+from l4jax.convert.multimodal import model_config, with_runtime
+from l4jax.errors import CheckpointError, ConfigError, read_json_object
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -39,7 +43,8 @@ METADATA_FILE = "_METADATA"  # Orbax's PyTree metadata (format_utils.PYTREE_META
 # largest stored chunk: restore reads whole chunks, and tensorstore's per-chunk buffers this
 # small are reused by malloc instead of being fresh (page-faulted) memory each time
 CHUNK_BYTES = 16 * 2**20
-MAX_PENDING_BYTES = 128 * 2**20  # tensorstore writes in flight before we wait for one
+MAX_PENDING_BYTES = 64 * 2**20  # chunk bytes being written (and fsynced) before we wait
+WRITE_THREADS = 2
 _DICT_KEY = 2  # Orbax's KeyType.DICT in _METADATA
 
 ParamPath = tuple[str, ...]
@@ -88,9 +93,9 @@ def zarr_dtype(dtype: Any) -> str:
 def _array_spec(params_dir: Path, name: str, use_ocdbt: bool, use_zarr3: bool) -> dict[str, Any]:
     """The tensorstore spec Orbax uses for param `name` (both of its layouts)."""
     if use_ocdbt:
-        kvstore = {"driver": "ocdbt", "base": f"file://{params_dir}", "path": name}
+        kvstore = {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}", "path": name}
     else:
-        kvstore = {"driver": "file", "path": str(params_dir / name)}
+        kvstore = {"driver": "file", "path": str(params_dir.absolute() / name)}
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore}
 
 
@@ -113,29 +118,36 @@ class L4jaxWriter:
     """Streams HF-layout tensors into a new l4jax checkpoint directory `dst`.
 
     `write(entry, rows, piece)` takes rows `rows` of HF tensor `entry.hf_key` (all rows:
-    `slice(None)`), splits them into l4jax slots with the mapping table and writes each into
-    its stored array. `finish()` waits for the writes, then writes Orbax's metadata and
-    `config.json` last: a directory whose conversion did not finish has neither.
+    `slice(None)`), splits them into l4jax slots with the mapping table and writes each slot's
+    chunks. The arrays are created (their `.zarray`) by tensorstore; the chunks, whole and raw
+    (C-order bytes, zarr v2's `i.j.k` keys), are written here straight from the piece (a chunk
+    that is not one contiguous block of it is gathered into a reused buffer first), with
+    O_DIRECT where possible (`hostmem.write_file`), and fsynced, by background threads.
+    `finish()` waits for the syncs, then writes Orbax's metadata and `config.json` last: a
+    directory whose conversion did not finish has neither.
     """
 
-    def __init__(self, dst: Path, config: Llama4Config, dtype: Any):
+    def __init__(self, dst: Path, config: Any, dtype: Any):
         self.dst = Path(dst)
         self.config = config
         self.dtype = np.dtype(dtype)
         self._params_dir = self.dst / PARAMS_DIR
         self._params_dir.mkdir(parents=True)
         self._shapes = param_shapes(config)
-        self._stacked = {s.path: s.group is not None for e in hf_entries(config) for s in e.slots}
+        stacked = {s.path: s.group is not None for e in model_entries(config) for s in e.slots}
         context = ts.Context()
-        self._arrays = {
-            path: self._create(path, shape, context) for path, shape in self._shapes.items()
+        self._chunks = {
+            path: self._create(path, shape, stacked[path], context)
+            for path, shape in self._shapes.items()
         }
-        self._pending: collections.deque[tuple[Any, int, str]] = collections.deque()
-        self._pending_bytes = 0
+        self._writes = hostmem.Writes(WRITE_THREADS, MAX_PENDING_BYTES)
 
-    def _create(self, path: ParamPath, shape: tuple[int, ...], context: ts.Context) -> Any:
+    def _create(
+        self, path: ParamPath, shape: tuple[int, ...], stacked: bool, context: ts.Context
+    ) -> tuple[int, ...]:
+        """Create the empty array; returns its chunk shape."""
         spec = _array_spec(self._params_dir, array_name(path), use_ocdbt=False, use_zarr3=False)
-        chunks = chunk_shape(shape, self.dtype.itemsize, self._stacked[path])
+        chunks = chunk_shape(shape, self.dtype.itemsize, stacked)
         spec.update(
             metadata={
                 "shape": list(shape),
@@ -143,59 +155,71 @@ class L4jaxWriter:
                 "dtype": zarr_dtype(self.dtype),
                 "compressor": None,
                 "fill_value": None,
+                "order": "C",
+                "dimension_separator": ".",
             },
             create=True,
-            # as Orbax: write every chunk, so a chunk missing on restore is an error
-            store_data_equal_to_fill_value=True,
         )
-        return ts.open(spec, context=context).result()
+        ts.open(spec, context=context).result()
+        return chunks
 
     def row_block(self, entry: Entry) -> int:
         """Rows of `entry` per stored chunk: HF row pieces must be multiples of it."""
-        blocks = []
-        for slot in entry.slots:
-            array = self._arrays[slot.path]
-            axis = 0 if slot.group is None else 1
-            blocks.append(array.chunk_layout.write_chunk.shape[axis])
-        return math.lcm(*blocks)
+        return _row_block(self._chunks, entry)
 
     def write(self, entry: Entry, rows: slice, piece: np.ndarray) -> None:
         for slot, part in zip(entry.slots, entry.split(piece)):
-            view = self._arrays[slot.path][_slot_index(slot, rows)]
-            data = part.astype(self.dtype, copy=False)  # never modified: tensorstore may keep it
-            self._submit(
-                view.write(data, can_reference_source_data_indefinitely=True), data.nbytes, slot
-            )
+            directory = self._params_dir / array_name(slot.path)
+            blocks = _chunk_blocks(self._chunks[slot.path], slot, rows, part)
+            if blocks is None:
+                raise CheckpointError(f"{directory}: a write of {part.shape} cuts chunks")
+            for key, block in blocks:
+                self._write_file(directory / key, hostmem.contiguous(block, self.dtype))
 
-    def _submit(self, future: Any, nbytes: int, slot: Slot) -> None:
-        self._pending.append((future, nbytes, array_name(slot.path)))
-        self._pending_bytes += nbytes
-        while self._pending_bytes > MAX_PENDING_BYTES:
-            self._wait_oldest()
-
-    def _wait_oldest(self) -> None:
-        future, nbytes, name = self._pending.popleft()
-        try:
-            future.result()
-        except Exception as e:  # tensorstore reports I/O failures as ValueError/OSError
-            raise CheckpointError(f"{self._params_dir / name}: write failed ({e})") from None
-        self._pending_bytes -= nbytes
+    def _write_file(self, file: Path, data: np.ndarray) -> None:
+        self._writes.submit(lambda: hostmem.write_file(file, data), data.nbytes, file)
 
     def abort(self) -> None:
-        """Wait out the writes in flight (so nothing lands after the directory is removed)."""
-        while self._pending:
-            future, _, _ = self._pending.popleft()
-            try:
-                future.result()
-            except Exception:  # the conversion is failing already; its error is reported
-                pass
-        self._pending_bytes = 0
+        self._writes.abort()
 
     def finish(self) -> None:
-        while self._pending:
-            self._wait_oldest()
+        self._writes.close()
+        for path in self._shapes:  # the chunk files' directory entries
+            fsync_path(self._params_dir / array_name(path))
         _write_json(self._params_dir / METADATA_FILE, tree_metadata(self._shapes))
         _write_json(self.dst / CONFIG_FILE, self.config.to_hf_dict())
+
+
+def _row_block(chunks: dict[ParamPath, tuple[int, ...]], entry: Entry) -> int:
+    """HF rows of `entry` per stored chunk (the lcm over its slots)."""
+    return math.lcm(*(chunks[s.path][int(s.group is not None)] for s in entry.slots))
+
+
+def _chunk_blocks(
+    chunk: tuple[int, ...], slot: Slot, rows: slice, part: np.ndarray
+) -> Iterator[tuple[str, np.ndarray]] | None:
+    """(zarr v2 chunk key `i.j.k`, the view of `part` it holds) for each chunk of the region
+    (HF rows `rows` of `slot`) that `part` fills; None when the region cuts chunks."""
+    origin = [rows.start or 0] + [0] * (part.ndim - 1)
+    if slot.group is not None:
+        part, origin = part[None], [slot.group, *origin]
+    if any(o % c or n % c for o, n, c in zip(origin, part.shape, chunk)):
+        return None
+    return (
+        (
+            ".".join(str(o // c + i) for o, c, i in zip(origin, chunk, index)),
+            part[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk))],
+        )
+        for index in np.ndindex(*(n // c for n, c in zip(part.shape, chunk)))
+    )
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def tree_metadata(shapes: dict[ParamPath, tuple[int, ...]]) -> dict[str, Any]:
@@ -227,7 +251,9 @@ class L4jaxCheckpoint:
     """An l4jax checkpoint read as a tensor source: HF names and layouts, rows on demand.
 
     Opening checks `config.json` against the stored arrays (names and shapes); `get` and
-    `get_rows` read only the slices of the stored arrays they need, straight into HF layout.
+    `get_rows` read only the slices of the stored arrays they need, straight into HF layout:
+    the chunks of raw zarr v2 arrays (what `L4jaxWriter` writes) with positioned reads of their
+    files, other layouts (compressed, OCDBT, zarr3) with tensorstore.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -239,15 +265,15 @@ class L4jaxCheckpoint:
                 f"{self.path}: not an l4jax checkpoint (needs {CONFIG_FILE} and "
                 f"{PARAMS_DIR}/{METADATA_FILE})"
             )
+        self._hf_config = read_json_object(config_file, CheckpointError)
         try:
-            self._config = Llama4Config.from_json_file(config_file)
+            self._config = model_config(self._hf_config)
         except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-        self._hf_config = json.loads(config_file.read_text())
-        self._entries = {e.hf_key: e for e in hf_entries(self._config)}
+            raise CheckpointError(f"{config_file}: {e}") from None
+        self._entries = {e.hf_key: e for e in model_entries(self._config)}
         self._arrays = self._open_arrays()
-        stored = str(jnp.dtype(self.dtype("model.embed_tokens.weight")))
-        self._config = self._config.replace(dtype=stored, param_dtype=stored)
+        stored = str(jnp.dtype(self.dtype(next(iter(self._entries)))))
+        self._config = with_runtime(self._config, dtype=stored, param_dtype=stored)
 
     def _open_arrays(self) -> dict[ParamPath, Any]:
         metadata_file = self._params_dir / METADATA_FILE
@@ -278,6 +304,8 @@ class L4jaxCheckpoint:
                 f"{self._params_dir}: unexpected array {array_name(extra[0])!r} for {CONFIG_FILE}"
             )
         arrays = {}
+        self._chunks: dict[ParamPath, tuple[int, ...]] = {}
+        self._raw: set[ParamPath] = set()  # arrays of raw chunk files `_read` reads itself
         context = ts.Context()
         for path, shape in expected.items():
             name = array_name(path)
@@ -295,11 +323,20 @@ class L4jaxCheckpoint:
                     f"{CONFIG_FILE} implies {shape}"
                 )
             arrays[path] = array
+            self._chunks[path] = tuple(array.chunk_layout.read_chunk.shape)
+            meta = array.spec().to_json().get("metadata", {})
+            if not (use_ocdbt or use_zarr3) and _raw_zarr(meta, array.dtype.numpy_dtype):
+                self._raw.add(path)
         return arrays
 
-    def config(self, **runtime: Any) -> Llama4Config:
-        """The stored config; `param_dtype` (and `dtype`) are the stored arrays' dtype."""
-        return self._config.replace(**runtime) if runtime else self._config
+    def row_block(self, entry: Entry) -> int:
+        """HF rows of `entry` per stored chunk: row pieces of multiples of it read whole chunks."""
+        return _row_block(self._chunks, entry)
+
+    def config(self, **runtime: Any) -> Any:
+        """The stored config (`Llama4Config`, or `Llama4MultimodalConfig` when config.json has a
+        `vision_config`); `param_dtype` (and `dtype`) are the stored arrays' dtype."""
+        return with_runtime(self._config, **runtime) if runtime else self._config
 
     def hf_config(self) -> dict[str, Any]:
         return dict(self._hf_config)
@@ -337,15 +374,19 @@ class L4jaxCheckpoint:
         `split` of an HF array is a view of it, and each slot's region is copied into its view."""
         entry = self._entry(key)
         start, stop, _ = rows.indices(entry.hf_shape[0])
-        out = np.empty((stop - start, *entry.hf_shape[1:]), self.dtype(key))
+        out = hostmem.empty((stop - start, *entry.hf_shape[1:]), self.dtype(key))
         views = entry.split(out)
         copies = []
         for slot, view in zip(entry.slots, views):
             if not np.may_share_memory(view, out):  # a copy: the mapping's layouts never make one
                 raise CheckpointError(f"{key}: its layout splits into copies, not views")
+            blocks = _chunk_blocks(self._chunks[slot.path], slot, rows, view)
+            if slot.path in self._raw and blocks is not None:
+                self._read_chunks(slot, blocks, key)
+                continue
             stored = self._arrays[slot.path][_slot_index(slot, rows)].translate_to[0]
-            copies.append(ts.array(view, copy=False, write=True).write(stored))
-        for slot, future in zip(entry.slots, copies):  # (read concurrently)
+            copies.append((slot, ts.array(view, copy=False, write=True).write(stored)))
+        for slot, future in copies:  # (read concurrently)
             try:
                 future.result()
             except ValueError as e:
@@ -353,42 +394,81 @@ class L4jaxCheckpoint:
                 raise CheckpointError(f"{where}: unreadable data for {key!r} ({e})") from None
         return out
 
+    def _read_chunks(self, slot: Slot, blocks: Iterator[tuple[str, np.ndarray]], key: str):
+        """Read each chunk file into its block (a strided block: copied out of the file's map)."""
+        directory = self._params_dir / array_name(slot.path)
+        for name, block in blocks:
+            try:
+                if block.flags.c_contiguous:
+                    hostmem.pread(directory / name, block, size=block.nbytes)
+                else:
+                    data = hostmem.map_file(directory / name, block.nbytes)
+                    block[...] = data.view(block.dtype).reshape(block.shape)
+            except OSError as e:
+                what = f"{directory / name}: unreadable chunk of {key!r} ({e})"
+                raise CheckpointError(what) from None
+
     def close(self) -> None:
         self._arrays.clear()
 
 
+def _raw_zarr(meta: dict[str, Any], dtype: np.dtype) -> bool:
+    """zarr v2 metadata of raw C-order chunk files under `i.j.k` keys, in this host's order."""
+    return (
+        meta.get("zarr_format") == 2
+        and meta.get("compressor") is None
+        and not meta.get("filters")
+        and meta.get("order", "C") == "C"
+        and meta.get("dimension_separator", ".") == "."
+        and meta.get("dtype") == zarr_dtype(dtype)
+        and sys.byteorder == "little"
+    )
+
+
 def restore_params(
-    path: str | os.PathLike, shardings: Any = None, *, dtype: Any = None, **runtime: Any
-) -> tuple[Llama4Config, dict[str, Any]]:
-    """Restore an l4jax checkpoint with Orbax as `(config, params)`.
+    path: str | os.PathLike,
+    shardings: Any = None,
+    *,
+    dtype: Any = None,
+    text_only: bool = False,
+    **runtime: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """Restore an l4jax checkpoint with Orbax as `(config, params)` (a multimodal checkpoint:
+    `(Llama4MultimodalConfig, {"language_model": ..., "vision_model": ..., ...})`).
 
     `shardings`: None (every param on the first device), one `jax.sharding.Sharding` for all
     params, or a tree of them shaped like the params; each device reads only its slice.
     `dtype`: stored dtype of the restored params (default: the checkpoint's), also the config's
     compute dtype unless `runtime` says otherwise; other runtime fields pass to the config.
+    `text_only`: of a multimodal checkpoint, the text model alone, `(config.text,
+    params["language_model"])` (the vision arrays are not read).
     """
     import orbax.checkpoint as ocp
 
     ckpt = L4jaxCheckpoint(path)
-    name = str(jnp.dtype(dtype)) if dtype is not None else ckpt.config().param_dtype
+    stored = ckpt.dtype(ckpt.keys()[0])
+    name = str(jnp.dtype(dtype if dtype is not None else stored))
     config = ckpt.config(**{"dtype": name, "param_dtype": name, **runtime})
-    shapes = param_shapes(config)
+    ckpt.close()
+    prefix: ParamPath = ()
+    if text_only and hasattr(config, "vision"):
+        config, prefix = config.text, ("language_model",)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args: dict[str, Any] = {}
-    for param, shape in shapes.items():
+    for param, shape in param_shapes(config).items():
         sharding = _sharding_of(shardings, param)
         args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=jnp.dtype(name))
-        set_path(restore_args, param, args)
-    ckpt.close()
+        set_path(restore_args, prefix + param, args)
     params_dir = Path(path).absolute() / PARAMS_DIR
-    restore = ocp.args.PyTreeRestore(restore_args=restore_args)
+    partial = {"item": restore_args, "partial_restore": True} if prefix else {}
+    restore = ocp.args.PyTreeRestore(restore_args=restore_args, **partial)
     try:
         params = ocp.PyTreeCheckpointer().restore(params_dir, args=restore)
     except Exception as e:  # Orbax/tensorstore failures (missing chunks, I/O) in many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{params_dir}: restore failed ({reason})") from e
-    return config, params
+    return config, get_path(params, prefix)
 
 
 def _sharding_of(shardings: Any, param: ParamPath) -> jax.sharding.Sharding:
