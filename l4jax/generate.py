@@ -691,6 +691,13 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         help=f"an image in {where}, at its <|image|> placeholders if it has any, else before "
         "its text (repeatable; needs a multimodal checkpoint)",
     )
+    p.add_argument(
+        "--pixel-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="image normalisation precision: bfloat16 rounds as Hugging Face's processor does "
+        "when asked for bfloat16 pixels (default: float32, Meta's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -737,7 +744,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         from l4jax.preprocess import image_generation_inputs
 
         model, params, prompt, images = image_generation_inputs(
-            model, params, tokenizer, args.image, args.prompt, messages
+            model, params, tokenizer, args.image, args.prompt, messages, args.pixel_dtype
         )
     elif messages is None:
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
@@ -759,7 +766,7 @@ def run_chat_cli(args: argparse.Namespace) -> int:
     if args.image:  # preprocessed and encoded once, in the first user message of every turn
         from l4jax.preprocess import image_generation_model, image_prompt_encoder
 
-        encode, pixels = image_prompt_encoder(model, tokenizer, args.image)
+        encode, pixels = image_prompt_encoder(model, tokenizer, args.image, args.pixel_dtype)
         model, params, images = image_generation_model(model, params, pixels)
     interactive = sys.stdin.isatty()
 

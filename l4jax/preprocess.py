@@ -433,16 +433,19 @@ def _require_multimodal(model: Any) -> None:
 
 
 def image_prompt_encoder(
-    model: Any, tokenizer: Any, images: Sequence[ImageLike]
+    model: Any, tokenizer: Any, images: Sequence[ImageLike], pixel_dtype: str = "float32"
 ) -> tuple[Callable[[Any], list[int]], np.ndarray]:
     """Preprocess `images` once for prompts that hold them: (encode, pixel_values [N, 3, S, S]).
 
     `encode(text)` is the completion prompt (`ImageProcessor.encode_completion`),
     `encode(messages)` the chat prompt with the images in the first user message
     (`attach_images`); a chat re-encodes its dialog every turn with the same images.
+    `pixel_dtype` as in `ImageProcessor`.
     """
     _require_multimodal(model)
-    processor = ImageProcessor(model.config.vision, tokenizer.special_tokens)
+    processor = ImageProcessor(
+        model.config.vision, tokenizer.special_tokens, pixel_dtype=pixel_dtype
+    )
     processed = [processor(image) for image in images]
 
     def encode(prompt: str | Sequence[Any]) -> list[int]:
@@ -473,6 +476,7 @@ def image_generation_inputs(
     images: Sequence[ImageLike],
     text: str | None = None,
     messages: Sequence[Any] | None = None,
+    pixel_dtype: str = "float32",
 ) -> tuple[Any, Any, list[int], dict[str, Any]]:
     """What `l4jax.generate` needs to generate from a prompt with images: (text model, its
     params, prompt ids, generate kwargs `image_embeds`/`image_token_id`).
@@ -483,7 +487,7 @@ def image_generation_inputs(
     """
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text or messages")
-    encode, pixels = image_prompt_encoder(model, tokenizer, images)
+    encode, pixels = image_prompt_encoder(model, tokenizer, images, pixel_dtype)
     ids = encode(text if messages is None else messages)
     text_model, text_params, kwargs = image_generation_model(model, params, pixels)
     return text_model, text_params, ids, kwargs

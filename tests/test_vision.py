@@ -530,6 +530,40 @@ def test_generate_cli_with_image(
         image_generation_inputs(text_model, text_params, tok, [image], text="x")
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_cli_pixel_dtype_reaches_the_image_processor(
+    cli_checkpoint: tuple[Path, Path, Path], command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--pixel-dtype bfloat16` gives the model HF's bfloat16-rounded pixels (default float32)."""
+    import ml_dtypes
+
+    import l4jax.preprocess
+    from l4jax.cli import main
+
+    ckpt, image, _ = cli_checkpoint
+    real, seen = l4jax.preprocess.image_prompt_encoder, {}
+
+    class Encoded(Exception):
+        pass
+
+    def spy(model, tokenizer, images, pixel_dtype="float32"):
+        seen[pixel_dtype] = real(model, tokenizer, images, pixel_dtype)[1]
+        raise Encoded  # (no generation: the pixels are what this test is about)
+
+    monkeypatch.setattr(l4jax.preprocess, "image_prompt_encoder", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    args = [command, "--checkpoint", str(ckpt), "--image", str(image)]
+    args += ["--prompt", "Describe:"] if command == "generate" else []
+    for extra in ([], ["--pixel-dtype", "bfloat16"]):
+        with pytest.raises(Encoded):
+            main(args + extra)
+    f32, bf16 = seen["float32"], seen["bfloat16"]
+    assert f32.dtype == bf16.dtype == np.float32 and f32.shape == bf16.shape
+    np.testing.assert_array_equal(bf16, bf16.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert not np.array_equal(f32, bf16)
+    np.testing.assert_allclose(bf16, f32, atol=0.02)
+
+
 def test_chat_cli_with_images(
     cli_checkpoint: tuple[Path, Path, Path],
     tmp_path: Path,
