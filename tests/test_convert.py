@@ -154,6 +154,31 @@ def test_direct_and_buffered_writes(hf_dirs, tmp_path, monkeypatch, direct):
         assert not any(fd is not None for fd in opened)
 
 
+def test_refused_direct_writes_go_through_the_page_cache(hf_dirs, tmp_path, monkeypatch):
+    """A filesystem that opens files with O_DIRECT but fails the writes (EINVAL, as some FUSE
+    and large-sector ones do): the same bytes, written buffered."""
+    import errno
+    import fcntl
+
+    pwrite, refused = os.pwrite, []
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    (tmp_path / "probe").touch()
+    if (fd := hostmem.open_direct(tmp_path / "probe")) is None:
+        pytest.skip("no O_DIRECT on this filesystem")
+    os.close(fd)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    mid = convert_checkpoint(hf_dirs["bfloat16"], tmp_path / "mid", progress=False).dst
+    back = convert_checkpoint(mid, tmp_path / "back", to="hf", progress=False).dst
+    assert_bit_identical(read_hf(back), read_hf(hf_dirs["bfloat16"]))
+    assert len(refused) > 10
+
+
 def test_dtype_option_casts_like_numpy(hf_dirs, tmp_path):
     mid, back = tmp_path / "mid", tmp_path / "back"
     convert_checkpoint(hf_dirs["float32"], mid, dtype="bfloat16", progress=False)

@@ -145,7 +145,7 @@ class HFWriter:
         stage, staged, fd, direct = self._stage, self._staged, self._fd, self._direct
 
         def write() -> None:
-            hostmem.pwrite(direct, stage[:whole], at)
+            hostmem.pwrite_direct(direct, fd, stage[:whole], at)
             hostmem.pwrite(fd, stage[whole:staged], at + whole)
 
         self._writes.submit(write, staged, self._path())

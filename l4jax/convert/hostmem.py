@@ -41,7 +41,7 @@ _READ_BYTES = 2**30  # largest single read or write (Linux moves at most ~2 GiB 
 ALIGN = 4096  # O_DIRECT alignment of addresses, file offsets and sizes
 DIRECT = hasattr(os, "O_DIRECT")  # (tests turn it off to test the buffered path)
 _free: list[mmap.mmap] = []
-_lock = threading.Lock()
+_lock = threading.RLock()  # (re-entered when GC runs `_give` inside `_take`)
 
 
 class _Owner:
@@ -126,6 +126,18 @@ def pwrite(fd: int, data: Any, offset: int) -> None:
         done += os.pwrite(fd, view[done : done + _READ_BYTES], offset + done)
 
 
+def pwrite_direct(direct: int, fd: int, data: Any, offset: int) -> None:
+    """Write `data` at `offset` through `direct` (an `open_direct` descriptor), or through
+    `fd` (the same file, buffered) where the filesystem refuses the direct write: some accept
+    the O_DIRECT open and then fail the write with EINVAL (alignment beyond ALIGN, FUSE)."""
+    try:
+        pwrite(direct, data, offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        pwrite(fd, data, offset)
+
+
 def write_file(path: str | os.PathLike, data: np.ndarray) -> None:
     """A new file `path` holding C-contiguous `data` (written directly when it is aligned),
     fsynced. Raises OSError."""
@@ -133,7 +145,10 @@ def write_file(path: str | os.PathLike, data: np.ndarray) -> None:
     try:
         direct = None if misaligned(data) else open_direct(path)
         try:
-            pwrite(fd if direct is None else direct, data.reshape(-1).view(np.uint8), 0)
+            if direct is None:
+                pwrite(fd, data.reshape(-1).view(np.uint8), 0)
+            else:
+                pwrite_direct(direct, fd, data.reshape(-1).view(np.uint8), 0)
         finally:
             if direct is not None:
                 os.close(direct)

@@ -37,6 +37,8 @@ class HFMultimodalCheckpoint(HFCheckpoint):
 def is_multimodal(path: str | os.PathLike) -> bool:
     """A HF or l4jax checkpoint with a non-empty `vision_config`, or a Meta one with
     `vision_args`."""
+    from l4jax.convert.orbax import is_l4jax_dir  # (orbax imports this module)
+
     p = Path(path)
     for name, field in (("config.json", "vision_config"), ("params.json", "vision_args")):
         try:
@@ -45,7 +47,7 @@ def is_multimodal(path: str | os.PathLike) -> bool:
         except (OSError, json.JSONDecodeError):
             continue  # missing or bad: the text loader reports it
         if isinstance(config, dict) and config.get(field):
-            return name == "params.json" or is_hf_dir(p) or (p / "params" / "_METADATA").is_file()
+            return name == "params.json" or is_hf_dir(p) or is_l4jax_dir(p)
     return False
 
 

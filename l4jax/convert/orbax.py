@@ -188,6 +188,8 @@ class L4jaxWriter:
             fsync_path(self._params_dir / array_name(path))
         _write_json(self._params_dir / METADATA_FILE, tree_metadata(self._shapes))
         _write_json(self.dst / CONFIG_FILE, self.config.to_hf_dict())
+        fsync_path(self._params_dir)  # (the array directories and _METADATA)
+        fsync_path(self.dst)  # (params/ and config.json)
 
 
 def _row_block(chunks: dict[ParamPath, tuple[int, ...]], entry: Entry) -> int:
@@ -325,7 +327,8 @@ class L4jaxCheckpoint:
             arrays[path] = array
             self._chunks[path] = tuple(array.chunk_layout.read_chunk.shape)
             meta = array.spec().to_json().get("metadata", {})
-            if not (use_ocdbt or use_zarr3) and _raw_zarr(meta, array.dtype.numpy_dtype):
+            raw = _raw_zarr(meta, array.dtype.numpy_dtype)
+            if every_chunk and not (use_ocdbt or use_zarr3) and raw:  # (else: fill values)
                 self._raw.add(path)
         return arrays
 
