@@ -41,9 +41,10 @@ from jax.sharding import PartitionSpec
 from l4jax.config import PRESETS, Llama4Config, preset
 from l4jax.convert import from_pretrained
 from l4jax.convert.load import open_checkpoint, source_config
-from l4jax.errors import ConfigError
+from l4jax.errors import ConfigError, ImageError
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
 from l4jax.moe import resolve_impl
+from l4jax.preprocess import PIXEL_DTYPES, ChatImages
 from l4jax.tokenizer import Message, Tokenizer
 from l4jax.vision import replace_image_embeddings
 
@@ -639,35 +640,54 @@ def chat_loop(
     lines: Iterator[str],
     write: Callable[[str], Any],
     system: str | None = None,
-    encode: Callable[[list[Message]], list[int]] | None = None,
+    images: ChatImages | None = None,
     **generate_kwargs: Any,
-) -> list[Message]:
+) -> tuple[list[Message], int]:
     """Interactive chat: each line from `lines` is a user turn; replies stream to `write`.
 
-    Every turn re-encodes the whole dialog with `encode` (default: Meta's chat format,
-    `tokenizer.encode_dialog_prompt`; with images: `l4jax.preprocess.image_prompt_encoder`).
-    Ends at EOF or "/exit"; returns the dialog.
+    Every turn re-encodes the whole dialog (Meta's chat format). "/image PATH" queues an image
+    for the next user turn (`images`: an `l4jax.preprocess.ChatImages`, whose text model
+    `model` is; None for a text-only model). A turn with bad image input is skipped with a
+    one-line error on stderr (its images stay queued). Ends at EOF or "/exit"; returns (the
+    dialog, the number of turns skipped).
     """
-    encode = encode or tokenizer.encode_dialog_prompt
     messages = [Message("system", system)] if system else []
+    skipped = 0
     for line in lines:
         text = line.rstrip("\n")
-        if text.strip() in ("/exit", "/quit"):
+        command, _, arg = text.strip().partition(" ")
+        if command in ("/exit", "/quit"):
             break
         if not text.strip():
             continue
-        messages.append(Message("user", text))
-        prompt = encode(messages)
+        try:
+            if command == "/image":
+                if images is None:
+                    raise ImageError("images need a multimodal checkpoint")
+                images.add(arg.strip())
+                write(f"(image {arg.strip()}: in your next message)\n")
+                continue
+            if images is None:
+                user, extra = Message("user", text), {}
+                prompt = tokenizer.encode_dialog_prompt([*messages, user])
+            else:
+                user = images.user_message(text)
+                prompt, extra = images.encode([*messages, user])
+        except ImageError as e:
+            print(f"l4jax chat: error: {e}", file=sys.stderr)
+            skipped += 1
+            continue
+        messages.append(user)
         write("assistant> ")
         reply_ids, stop = stream_generate(
-            model, params, tokenizer, prompt, write, **generate_kwargs
+            model, params, tokenizer, prompt, write, **generate_kwargs, **extra
         )
         write("\n")
         reason = "end_of_message" if stop == tokenizer.eom_id else "end_of_turn"
         if stop is None:
             reason = "out_of_tokens"
         messages.append(Message("assistant", tokenizer.decode(reply_ids), stop_reason=reason))
-    return messages
+    return messages, skipped
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
@@ -693,7 +713,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     )
     p.add_argument(
         "--pixel-dtype",
-        choices=("float32", "bfloat16"),
+        choices=PIXEL_DTYPES,
         default="float32",
         help="image normalisation precision: bfloat16 rounds as Hugging Face's processor does "
         "when asked for bfloat16 pixels (default: float32, Meta's)",
@@ -757,17 +777,18 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 
 
 def run_chat_cli(args: argparse.Namespace) -> int:
-    """`l4jax chat`: read user turns from stdin until EOF or /exit."""
+    """`l4jax chat`: read user turns from stdin until EOF or /exit. Exit status 2 if a turn
+    was skipped for bad image input."""
     _check_images(args.image)
     model, params, tokenizer = load_for_generation(
-        args.checkpoint, args.preset, args.dtype, args.seed, vision=bool(args.image)
+        args.checkpoint, args.preset, args.dtype, args.seed, vision=True
     )
-    encode, images = None, {}
-    if args.image:  # preprocessed and encoded once, in the first user message of every turn
-        from l4jax.preprocess import image_generation_model, image_prompt_encoder
-
-        encode, pixels = image_prompt_encoder(model, tokenizer, args.image, args.pixel_dtype)
-        model, params, images = image_generation_model(model, params, pixels)
+    images = None
+    if args.image or hasattr(model.config, "vision"):  # ("/image" needs the vision tower)
+        images = ChatImages(model, params, tokenizer, args.pixel_dtype)
+        for path in args.image:  # (in the first user turn)
+            images.add(path)
+        model, params = images.text_model, images.text_params
     interactive = sys.stdin.isatty()
 
     def lines() -> Iterator[str]:
@@ -779,6 +800,6 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    kwargs = {**_sampling_kwargs(args), **images}
-    chat_loop(model, params, tokenizer, lines(), _write, args.system, encode, **kwargs)
-    return 0
+    kwargs = _sampling_kwargs(args)
+    _, skipped = chat_loop(model, params, tokenizer, lines(), _write, args.system, images, **kwargs)
+    return 2 if skipped else 0

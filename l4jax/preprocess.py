@@ -439,7 +439,7 @@ def image_prompt_encoder(
 
     `encode(text)` is the completion prompt (`ImageProcessor.encode_completion`),
     `encode(messages)` the chat prompt with the images in the first user message
-    (`attach_images`); a chat re-encodes its dialog every turn with the same images.
+    (`attach_images`). (`l4jax chat` uses `ChatImages`: images in any turn.)
     `pixel_dtype` as in `ImageProcessor`.
     """
     _require_multimodal(model)
@@ -467,6 +467,52 @@ def image_generation_model(
     text_model, text_params, embeds = text_model_with_images(model, params, pixel_values)
     kwargs = {"image_embeds": embeds, "image_token_id": model.config.image_token_index}
     return text_model, text_params, kwargs
+
+
+class ChatImages:
+    """The images of a chat (`l4jax chat`): `add` queues one for the next user turn,
+    `user_message(text)` puts the queued ones at the turn's `<|image|>` placeholders (else
+    before its text), `encode(messages)` gives the dialog's prompt ids and the generate kwargs
+    with every image's embeddings (the vision tower runs again only when the dialog gained
+    images). Generate with `text_model` / `text_params`."""
+
+    def __init__(
+        self, model: Any, params: Any, tokenizer: Any, pixel_dtype: str = "float32"
+    ) -> None:
+        from l4jax.vision import text_model_with_images
+
+        _require_multimodal(model)
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.processor = ImageProcessor(
+            model.config.vision, tokenizer.special_tokens, pixel_dtype=pixel_dtype
+        )
+        self.text_model, self.text_params, _ = text_model_with_images(model, params, None)
+        self.queued: list[ProcessedImage] = []
+        self._encoded: tuple[int, dict[str, Any]] = (0, {})  # (tiles, generate kwargs)
+
+    def add(self, image: ImageLike) -> None:
+        """Queue `image` (preprocessed now: ImageError if it is unreadable)."""
+        self.queued.append(self.processor(image))
+
+    def user_message(self, text: str) -> Any:
+        """The user turn `text` with the queued images (then no longer queued). ImageError if
+        the text's placeholders do not match them (they stay queued)."""
+        from l4jax.tokenizer import Message
+
+        if not self.queued:
+            return Message("user", text)
+        content = place_images(text, self.queued, "this user turn")
+        self.queued = []
+        return Message("user", content)
+
+    def encode(self, messages: Sequence[Any]) -> tuple[list[int], dict[str, Any]]:
+        """(prompt ids of `messages`, generate kwargs `image_embeds`/`image_token_id`; empty
+        without images)."""
+        ids, pixels = self.processor.encode_dialog_prompt(self.tokenizer, messages)
+        tiles = 0 if pixels is None else len(pixels)
+        if tiles != self._encoded[0]:  # (a dialog only gains images)
+            self._encoded = (tiles, image_generation_model(self.model, self.params, pixels)[2])
+        return ids, self._encoded[1]
 
 
 def image_generation_inputs(

@@ -541,27 +541,105 @@ def test_cli_pixel_dtype_reaches_the_image_processor(
     from l4jax.cli import main
 
     ckpt, image, _ = cli_checkpoint
-    real, seen = l4jax.preprocess.image_prompt_encoder, {}
+    seen = []
 
     class Encoded(Exception):
         pass
 
-    def spy(model, tokenizer, images, pixel_dtype="float32"):
-        seen[pixel_dtype] = real(model, tokenizer, images, pixel_dtype)[1]
+    def spy(model, params, pixel_values):  # (the vision tower's input)
+        seen.append(pixel_values)
         raise Encoded  # (no generation: the pixels are what this test is about)
 
-    monkeypatch.setattr(l4jax.preprocess, "image_prompt_encoder", spy)
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    monkeypatch.setattr(l4jax.preprocess, "image_generation_model", spy)
     args = [command, "--checkpoint", str(ckpt), "--image", str(image)]
     args += ["--prompt", "Describe:"] if command == "generate" else []
     for extra in ([], ["--pixel-dtype", "bfloat16"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))  # (chat: one user turn)
         with pytest.raises(Encoded):
             main(args + extra)
-    f32, bf16 = seen["float32"], seen["bfloat16"]
-    assert f32.dtype == bf16.dtype == np.float32 and f32.shape == bf16.shape
+    f32, bf16 = seen
+    assert f32.dtype == bf16.dtype == np.float32 and f32.shape == bf16.shape == (3, 3, 56, 56)
     np.testing.assert_array_equal(bf16, bf16.astype(ml_dtypes.bfloat16).astype(np.float32))
     assert not np.array_equal(f32, bf16)
     np.testing.assert_allclose(bf16, f32, atol=0.02)
+
+
+def reference_chat(ckpt: Path, system: str, user_turns: list[Any]) -> tuple[str, list[int]]:
+    """What `l4jax chat --max-new-tokens 2 --temperature 0` prints for these user turns (their
+    content holding images), from the multimodal model: each turn's whole dialog encoded,
+    its images embedded, greedy. Returns (stdout, image patch tokens per turn)."""
+    from l4jax.generate import generate
+    from l4jax.preprocess import ImageProcessor
+    from l4jax.tokenizer import Message, Tokenizer
+    from l4jax.vision import text_model_with_images
+
+    tok = Tokenizer.default()
+    jmodel, params = l4jax.from_pretrained(ckpt)
+    processor = ImageProcessor(TINY, tok.special_tokens)
+    dialog, expected, patches = [Message("system", system)], "", []
+    for user in user_turns:
+        dialog.append(user)
+        ids, pixels = processor.encode_dialog_prompt(tok, dialog)
+        patches.append(ids.count(200092))
+        text_model, text_params, embeds = text_model_with_images(jmodel, params, pixels)
+        new = generate(
+            text_model, text_params, [ids], 2, pad_to_multiple_of=64, stop_ids=tok.stop_tokens,
+            on_token=lambda t: None,  # streamed like the CLI: the same compiled loop
+            image_embeds=embeds, image_token_id=200092,
+        )[0, -2:].tolist()  # fmt: skip
+        reply = list(itertools.takewhile(lambda t: t not in tok.stop_tokens, new))
+        stop = None if len(reply) == len(new) else new[len(reply)]
+        reason = {None: "out_of_tokens", tok.eom_id: "end_of_message"}.get(stop, "end_of_turn")
+        dialog.append(Message("assistant", tok.decode(reply), stop_reason=reason))
+        expected += f"assistant> {tok.decode(reply)}\n"
+    return expected, patches
+
+
+def test_chat_image_command_adds_images_mid_dialog(
+    cli_checkpoint: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`/image PATH` puts an image in the next user turn (at its placeholders, else before
+    its text); the earlier turns keep theirs. A bad `/image` or a placeholder mismatch skips
+    that line with a one-line error, the chat goes on, and the exit code is 2."""
+    from l4jax.cli import main
+    from l4jax.generate import chat_loop
+    from l4jax.tokenizer import Message, Tokenizer
+
+    ckpt, wide, small = cli_checkpoint
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a picture")
+    lines = [
+        "Describe <|image|>.",
+        f"/image {garbage}",  # refused: not queued
+        f"/image {small}",
+        "<|image|> and <|image|>?",  # one image queued for two placeholders: skipped
+        "And this one?",
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{t}\n" for t in lines)))
+    args = ["chat", "--checkpoint", str(ckpt), "--image", str(wide), "--system", "Be brief."]
+    assert main([*args, "--max-new-tokens", "2", "--temperature", "0"]) == 2
+    captured = capsys.readouterr()
+    turns = [
+        Message("user", ["Describe ", wide, "."]),
+        Message("user", [small, "And this one?"]),
+    ]
+    expected, patches = reference_chat(ckpt, "Be brief.", turns)
+    assert patches == [3 * 4, (3 + 1) * 4]
+    first, second = expected.splitlines(keepends=True)
+    assert captured.out == first + f"(image {small}: in your next message)\n" + second
+    errors = re.findall(r"l4jax chat: error: .*", captured.err)
+    assert len(errors) == 2, captured.err
+    assert errors[0].startswith(f"l4jax chat: error: {garbage}: not an image file")
+    assert errors[1] == (
+        "l4jax chat: error: 1 image(s) for 2 <|image|> placeholder(s) in this user turn"
+    )
+    # a text-only model has no images to add
+    dialog, skipped = chat_loop(None, None, Tokenizer.default(), iter(["/image x.png\n"]), print)
+    assert (dialog, skipped) == ([], 1)
+    assert "images need a multimodal checkpoint" in capsys.readouterr().err
 
 
 def test_chat_cli_with_images(
@@ -574,10 +652,7 @@ def test_chat_cli_with_images(
     first user turn in every turn's prompt (Meta's chat format), each reply is what `generate`
     gives with their embeddings; bad input is a one-line error and exit code 2."""
     from l4jax.cli import main
-    from l4jax.generate import generate
-    from l4jax.preprocess import ImageProcessor
     from l4jax.tokenizer import Message, Tokenizer
-    from l4jax.vision import text_model_with_images
 
     ckpt, wide, small = cli_checkpoint
     tok = Tokenizer.default()
@@ -588,27 +663,9 @@ def test_chat_cli_with_images(
     assert main(args) == 0
     out = capsys.readouterr().out
     # the reference: every turn's dialog encoded with the images in the first user message
-    jmodel, params = l4jax.from_pretrained(ckpt)
-    processor = ImageProcessor(TINY, tok.special_tokens)
     first = Message("user", ["Compare ", wide, " with ", small, "."])
-    dialog = [Message("system", "Be brief."), first]
-    expected = ""
-    for turn, text in enumerate(turns):
-        if turn:
-            dialog.append(Message("user", text))
-        ids, pixels = processor.encode_dialog_prompt(tok, dialog)
-        assert ids.count(200092) == (3 + 1) * 4  # 1x2 tiles + global, one tile: 4 patches each
-        text_model, text_params, embeds = text_model_with_images(jmodel, params, pixels)
-        new = generate(
-            text_model, text_params, [ids], 2, pad_to_multiple_of=64, stop_ids=tok.stop_tokens,
-            on_token=lambda t: None,  # streamed like the CLI: the same compiled loop
-            image_embeds=embeds, image_token_id=200092,
-        )[0, -2:].tolist()  # fmt: skip
-        reply = list(itertools.takewhile(lambda t: t not in tok.stop_tokens, new))
-        stop = None if len(reply) == len(new) else new[len(reply)]
-        reason = {None: "out_of_tokens", tok.eom_id: "end_of_message"}.get(stop, "end_of_turn")
-        dialog.append(Message("assistant", tok.decode(reply), stop_reason=reason))
-        expected += f"assistant> {tok.decode(reply)}\n"
+    expected, patches = reference_chat(ckpt, "Be brief.", [first, Message("user", turns[1])])
+    assert patches == [(3 + 1) * 4] * 2  # 1x2 tiles + global, one tile: 4 patches each
     assert out == expected
     # bad input: an unreadable image (refused before loading), more images than placeholders,
     # a vision tower that does not take 3 channels
@@ -625,7 +682,7 @@ def test_chat_cli_with_images(
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not a picture")
     fails(["--preset", "tiny", "--image", str(garbage)], "hi\n", "garbage.png: not an image file")
-    many = r"2 image\(s\) for 1 <\|image\|> placeholder\(s\) in the first user message"
+    many = r"2 image\(s\) for 1 <\|image\|> placeholder\(s\) in this user turn"
     fails(args[1:], "Only <|image|> here\n", many)
     text = Llama4Config.from_hf_dict(
         dict(MAVERICK_LIKE, num_hidden_layers=1, vocab_size=tok.n_words)
