@@ -72,11 +72,17 @@ def empty(shape: tuple[int, ...], dtype: Any, aligned: bool = False) -> np.ndarr
     return np.asarray(owner).view(dtype).reshape(shape)
 
 
-def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`array` as a C-contiguous array of `dtype`, ALIGN-aligned when it is large (itself when
-    it is one, else a copy cast as `astype` casts)."""
-    large = array.nbytes >= SMALL_BYTES
-    if array.dtype == dtype and array.flags.c_contiguous and not (large and misaligned(array)):
+def contiguous(array: np.ndarray, dtype: np.dtype, for_direct_write: bool = False) -> np.ndarray:
+    """`array` as a C-contiguous array of `dtype`: itself when it is one, else a copy cast as
+    `astype` casts. `for_direct_write`: also copied when a page-aligned copy could be written
+    with O_DIRECT and `array` cannot (a large array of whole blocks at an unaligned address)."""
+    movable = (
+        for_direct_write
+        and array.nbytes >= SMALL_BYTES
+        and array.nbytes % ALIGN == 0
+        and array.ctypes.data % ALIGN != 0
+    )
+    if array.dtype == dtype and array.flags.c_contiguous and not movable:
         return array
     out = empty(array.shape, dtype)
     np.copyto(out, array, casting="unsafe")

@@ -174,7 +174,8 @@ class L4jaxWriter:
             if blocks is None:
                 raise CheckpointError(f"{directory}: a write of {part.shape} cuts chunks")
             for key, block in blocks:
-                self._write_file(directory / key, hostmem.contiguous(block, self.dtype))
+                data = hostmem.contiguous(block, self.dtype, for_direct_write=True)
+                self._write_file(directory / key, data)
 
     def _write_file(self, file: Path, data: np.ndarray) -> None:
         self._writes.submit(lambda: hostmem.write_file(file, data), data.nbytes, file)
