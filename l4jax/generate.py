@@ -30,7 +30,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +44,11 @@ from l4jax.convert.load import open_checkpoint, source_config
 from l4jax.errors import ConfigError, ImageError
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
 from l4jax.moe import resolve_impl
-from l4jax.preprocess import PIXEL_DTYPES, ChatImages
 from l4jax.tokenizer import Message, Tokenizer
 from l4jax.vision import replace_image_embeddings
+
+if TYPE_CHECKING:  # (l4jax.preprocess, with PIL, loads when images are used)
+    from l4jax.preprocess import ChatImages
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -691,6 +693,8 @@ def chat_loop(
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
+    from l4jax.preprocess import PIXEL_DTYPES
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (Hugging Face, Meta or l4jax)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a random model of this preset")
@@ -785,6 +789,8 @@ def run_chat_cli(args: argparse.Namespace) -> int:
     )
     images = None
     if args.image or hasattr(model.config, "vision"):  # ("/image" needs the vision tower)
+        from l4jax.preprocess import ChatImages
+
         images = ChatImages(model, params, tokenizer, args.pixel_dtype)
         for path in args.image:  # (in the first user turn)
             images.add(path)
