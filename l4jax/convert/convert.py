@@ -42,7 +42,7 @@ from l4jax.convert.hf import TEXT_PREFIX, HFCheckpoint
 from l4jax.convert.load import open_checkpoint, source_config
 from l4jax.convert.mapping import Entry, TensorSource, check_source, model_entries
 from l4jax.convert.multimodal import is_multimodal, multimodal_config, open_multimodal, with_runtime
-from l4jax.convert.orbax import L4jaxCheckpoint, L4jaxWriter, fsync_path
+from l4jax.convert.orbax import L4jaxCheckpoint, L4jaxWriter
 from l4jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_path(dst.parent)
+    hostmem.fsync_path(dst.parent)
 
 
 @dataclasses.dataclass(frozen=True)

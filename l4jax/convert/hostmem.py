@@ -107,6 +107,15 @@ def pread(file: str | os.PathLike, array: np.ndarray, offset: int = 0, size: int
         os.close(fd)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or directory (a directory: its entries, e.g. files just created in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def misaligned(array: np.ndarray) -> bool:
     """Not writable with O_DIRECT: address or size not a multiple of ALIGN."""
     return bool(array.ctypes.data % ALIGN or array.nbytes % ALIGN)

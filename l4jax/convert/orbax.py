@@ -186,11 +186,11 @@ class L4jaxWriter:
     def finish(self) -> None:
         self._writes.close()
         for path in self._shapes:  # the chunk files' directory entries
-            fsync_path(self._params_dir / array_name(path))
+            hostmem.fsync_path(self._params_dir / array_name(path))
         _write_json(self._params_dir / METADATA_FILE, tree_metadata(self._shapes))
         _write_json(self.dst / CONFIG_FILE, self.config.to_hf_dict())
-        fsync_path(self._params_dir)  # (the array directories and _METADATA)
-        fsync_path(self.dst)  # (params/ and config.json)
+        hostmem.fsync_path(self._params_dir)  # (the array directories and _METADATA)
+        hostmem.fsync_path(self.dst)  # (params/ and config.json)
 
 
 def _row_block(chunks: dict[ParamPath, tuple[int, ...]], entry: Entry) -> int:
@@ -215,14 +215,6 @@ def _chunk_blocks(
         )
         for index in np.ndindex(*(n // c for n, c in zip(part.shape, chunk)))
     )
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tree_metadata(shapes: dict[ParamPath, tuple[int, ...]]) -> dict[str, Any]:
