@@ -42,7 +42,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     # a terminated conversion unwinds like Ctrl-C: its partial directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    r = convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype)
+    r = convert_checkpoint(
+        args.src, args.dst, to=args.to, dtype=args.dtype, allow_unexpected=args.allow_unexpected
+    )
+    for line in r.skipped:
+        print(f"l4jax convert: skipped {line}", file=sys.stderr)
     print(
         f"l4jax convert: {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}, {r.dtype}): "
         f"{r.tensors} tensors, {r.nbytes / 1e9:.2f} GB in {r.seconds:.1f} s "
@@ -76,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="l4jax", choices=("l4jax", "hf"), help="format of DST")
     p.add_argument(
         "--dtype", choices=("bfloat16", "float32"), help="stored dtype (default: the source's)"
+    )
+    p.add_argument(
+        "--allow-unexpected",
+        action="store_true",
+        help="leave out stored tensors the model does not use (listed) instead of failing",
     )
     p.set_defaults(run=_convert)
 

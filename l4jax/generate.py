@@ -45,7 +45,7 @@ from l4jax.errors import ConfigError, ImageError
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
 from l4jax.moe import resolve_impl
 from l4jax.tokenizer import Message, Tokenizer
-from l4jax.vision import replace_image_embeddings
+from l4jax.vision import PIXEL_DTYPES, replace_image_embeddings
 
 if TYPE_CHECKING:  # (l4jax.preprocess, with PIL, loads when images are used)
     from l4jax.preprocess import ChatImages
@@ -693,8 +693,6 @@ def chat_loop(
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
-    from l4jax.preprocess import PIXEL_DTYPES
-
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (Hugging Face, Meta or l4jax)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a random model of this preset")

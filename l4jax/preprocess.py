@@ -35,17 +35,20 @@ from typing import Any
 
 import numpy as np
 from ml_dtypes import bfloat16
-from PIL import Image, UnidentifiedImageError
 
 from l4jax.errors import ConfigError, ImageError
-from l4jax.vision import Llama4VisionConfig
+from l4jax.vision import PIXEL_DTYPES, Llama4VisionConfig
+
+try:
+    from PIL import Image, UnidentifiedImageError
+except ImportError:  # (a dependency: only a broken install gets here)
+    raise ImageError("images need Pillow, which is not installed: pip install pillow") from None
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 TILE_SIZE = 336
 IMAGE_PLACEHOLDER = "<|image|>"  # in prompt text: where an image goes (HF's processor convention)
 MAX_NUM_TILES = 16  # Meta's ChatFormat max_num_chunks, HF's max_patches
-PIXEL_DTYPES = ("float32", "bfloat16")
 IMAGE_TOKENS = (
     "<|image_start|>",
     "<|image_end|>",

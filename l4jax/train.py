@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -599,7 +600,8 @@ def train(
     losses: dict[int, float] = {}
     bar = tqdm(
         total=tc.steps, initial=start, desc="train", unit="step",
-        disable=not tc.progress or jax.process_index() != 0, dynamic_ncols=True,
+        disable=not tc.progress or jax.process_index() != 0 or not sys.stderr.isatty(),
+        dynamic_ncols=True,
     )  # fmt: skip
     pending = None  # (step, metrics on device): read one step late, so dispatch runs ahead
 

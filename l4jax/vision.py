@@ -44,6 +44,8 @@ from l4jax.model import (
 )
 
 Array = jax.Array
+# image normalisation precisions (`l4jax.preprocess`); here so the CLI parser needs no Pillow
+PIXEL_DTYPES = ("float32", "bfloat16")
 
 # Both references use torch LayerNorm's default eps (HF ignores `norm_eps`, Meta never reads it).
 LAYER_NORM_EPS = 1e-5

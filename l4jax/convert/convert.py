@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,7 +89,7 @@ class StreamingHF:
         self._ckpt = ckpt
         self.path = ckpt.path
         self.hf_config, self.keys, self.unused_keys = ckpt.hf_config, ckpt.keys, ckpt.unused_keys
-        self.location, self.shape = ckpt.location, ckpt.shape
+        self.location, self.shape, self.unaccounted = ckpt.location, ckpt.shape, ckpt.unaccounted
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def dtype(self, key: str) -> np.dtype:
@@ -241,7 +242,10 @@ def transfer(
     """
     plan = plan_pieces(source, entries, writer, dtype.itemsize)
     total = sum(math.prod(e.hf_shape) for e in entries) * dtype.itemsize
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, leave=False,
+        disable=not progress or not sys.stderr.isatty(),  # (a bar in a log is noise)
+    )  # fmt: skip
     ends = [i + 1 == len(plan) or plan[i + 1][0] is not e for i, (e, _) in enumerate(plan)]
     done = 0
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -297,6 +301,7 @@ class ConversionResult:
     tensors: int
     nbytes: int
     seconds: float
+    skipped: tuple[str, ...] = ()  # "FILE: what" of the stored tensors left out
 
     @property
     def mb_per_s(self) -> float:
@@ -309,11 +314,14 @@ def convert_checkpoint(
     to: str = "l4jax",
     dtype: Any = None,
     progress: bool = True,
+    allow_unexpected: bool = False,
 ) -> ConversionResult:
     """Convert checkpoint `src` (HF, Meta or l4jax) into a new directory `dst`, streaming.
 
     `to`: "l4jax" (Orbax params + config.json) or "hf" (sharded safetensors). `dtype`: stored
-    dtype (default: the source's, so a round trip is bit-identical).
+    dtype (default: the source's, so a round trip is bit-identical). Stored tensors the model
+    does not use raise CheckpointError, unless `allow_unexpected`: then they are left out and
+    listed in the result's `skipped`.
     """
     if to not in TARGETS:
         raise ConfigError(f"to: expected one of {TARGETS}, got {to!r}")
@@ -323,7 +331,9 @@ def convert_checkpoint(
     source, src_format, config = open_source(src)
     try:
         entries = model_entries(config)
-        check_source(source, config, entries)
+        skipped = check_source(source, config, entries, allow_unexpected)
+        for line in skipped:
+            log.warning("skipped %s", line)
         target = numpy_dtype(dtype) if dtype is not None else source.dtype(entries[0].hf_key)
         name = str(jnp.dtype(target))
         config = with_runtime(config, dtype=name, param_dtype=name)
@@ -342,4 +352,6 @@ def convert_checkpoint(
     finally:
         source.close()
     seconds = time.perf_counter() - start
-    return ConversionResult(src, dst, src_format, to, name, len(entries), nbytes, seconds)
+    return ConversionResult(
+        src, dst, src_format, to, name, len(entries), nbytes, seconds, tuple(skipped)
+    )

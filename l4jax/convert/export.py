@@ -250,6 +250,9 @@ class ParamsSource:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def unaccounted(self) -> list[str]:
+        return []
+
     def location(self, key: str) -> str:
         return "params: " + ", ".join(".".join(s.path) for s in self._entries[key].slots)
 

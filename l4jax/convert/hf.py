@@ -44,6 +44,7 @@ class HFCheckpoint:
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
         self._handles: dict[str, Any] = {}
+        self._unaccounted: list[str] = []  # tensors and files the index does not account for
         self._files = self._tensor_files()
         self._where: dict[str, tuple[str, str]] = {}  # text key -> (file, stored key)
         self._unused: list[str] = []
@@ -56,25 +57,55 @@ class HFCheckpoint:
                     self._where[key] = (file, stored)
 
     def _tensor_files(self) -> dict[str, list[str]]:
-        """file name -> stored tensor names, from the index or by opening each file."""
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            with open(index) as f:
-                try:
-                    weight_map: dict[str, str] = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: malformed index ({e})") from None
-            files: dict[str, list[str]] = {}
-            for key, file in weight_map.items():
-                files.setdefault(file, []).append(key)
-            for file in files:
-                if not (self.path / file).is_file():
-                    raise CheckpointError(f"{self.path / file}: listed in {INDEX_FILE}, missing")
-            return files
+        """file name -> stored tensor names. Every `*.safetensors` file is opened: with an
+        index, a tensor the index lists but its file lacks is an error, and tensors or files
+        the index does not name are `unaccounted()`; without one, a name in two files is."""
         found = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if not found:
-            raise CheckpointError(f"{self.path}: no *.safetensors files")
-        return {file: list(self._open(file).keys()) for file in found}
+        index = self.path / INDEX_FILE
+        if not index.is_file():
+            if not found:
+                raise CheckpointError(f"{self.path}: no *.safetensors files")
+            files = {file: list(self._open(file).keys()) for file in found}
+            seen: dict[str, str] = {}
+            for file, keys in files.items():
+                for key in keys:
+                    if key in seen:
+                        raise CheckpointError(
+                            f"{self.path / file}: tensor {key!r} is also in {seen[key]}"
+                        )
+                    seen[key] = file
+            return files
+        with open(index) as f:
+            try:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for key, file in weight_map.items():
+            files.setdefault(file, []).append(key)
+        for file, keys in files.items():
+            if not (self.path / file).is_file():
+                raise CheckpointError(f"{self.path / file}: listed in {INDEX_FILE}, missing")
+            stored = set(self._open(file).keys())
+            absent = [key for key in keys if key not in stored]
+            if absent:
+                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                raise CheckpointError(
+                    f"{self.path / file}: no tensor {absent[0]!r}{more}, which {INDEX_FILE} "
+                    "places in this file"
+                )
+            listed = set(keys)
+            self._unaccounted += [
+                f"{self.path / file}: tensor {key!r} (not in {INDEX_FILE})"
+                for key in sorted(stored - listed)
+            ]
+        for file in found:
+            if file not in files:
+                count = len(self._open(file).keys())
+                self._unaccounted.append(
+                    f"{self.path / file}: {count} tensor(s) in a file {INDEX_FILE} does not name"
+                )
+        return files
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -100,6 +131,10 @@ class HFCheckpoint:
 
     def unused_keys(self) -> list[str]:
         return list(self._unused)
+
+    def unaccounted(self) -> list[str]:
+        """Tensors present that no loader will read, each "FILE: what" (see `check_source`)."""
+        return list(self._unaccounted)
 
     def location(self, key: str) -> str:
         file, _ = self._where.get(key, ("?", key))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,14 @@ def load_entries(source: TensorSource, entries: list[Entry], dtype: Any) -> dict
     }
     slices = iter_slices(source, entries, target)
     total = sum(len(e.slots) for e in entries)
-    for slot, array in tqdm(slices, total=total, desc="loading", unit="tensor", leave=False):
+    for slot, array in tqdm(
+        slices,
+        total=total,
+        desc="loading",
+        unit="tensor",
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    ):
         if slot.group is None:
             host[slot.path][...] = array
         else:

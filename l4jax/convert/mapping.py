@@ -25,6 +25,7 @@ class TensorSource(Protocol):
     def shape(self, key: str) -> tuple[int, ...]: ...
     def get(self, key: str) -> np.ndarray: ...
     def location(self, key: str) -> str: ...  # file holding the tensor, for error messages
+    def unaccounted(self) -> list[str]: ...  # "FILE: what" of stored tensors no key reaches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +205,15 @@ def param_shapes(config: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     return entry_shapes(model_entries(config))
 
 
-def check_source(source: TensorSource, config: Llama4Config, entries: list[Entry]) -> None:
-    """Missing, unexpected or misshapen tensors -> CheckpointError naming the tensor and file."""
+def check_source(
+    source: TensorSource, config: Llama4Config, entries: list[Entry], allow_unexpected: bool = False
+) -> list[str]:
+    """Missing, unexpected or misshapen tensors -> CheckpointError naming the tensor and file.
+
+    Every stored tensor must be accounted for: unexpected ones (not in `entries`) and the
+    source's `unaccounted()` ones (e.g. in a shard its index does not name) raise too, unless
+    `allow_unexpected`; then they are skipped, and returned as "FILE: what" lines.
+    """
     expected = {e.hf_key: e.hf_shape for e in entries}
     present = set(source.keys())
     missing = [key for key in expected if key not in present]
@@ -215,11 +223,12 @@ def check_source(source: TensorSource, config: Llama4Config, entries: list[Entry
             f"missing tensor {missing[0]!r}{more}: the checkpoint does not match its config"
         )
     unexpected = sorted(present - set(expected))
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    skipped = [f"{source.location(k)}: unexpected tensor {k!r}" for k in unexpected]
+    skipped += source.unaccounted()
+    if skipped and not allow_unexpected:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise CheckpointError(
-            f"{source.location(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more} "
-            "for this config"
+            f"{skipped[0]}{more} for this config (--allow-unexpected skips such tensors)"
         )
     for key, shape in expected.items():
         got = tuple(source.shape(key))
@@ -227,6 +236,7 @@ def check_source(source: TensorSource, config: Llama4Config, entries: list[Entry
             raise CheckpointError(
                 f"{source.location(key)}: tensor {key!r} has shape {got}, config expects {shape}"
             )
+    return skipped
 
 
 def iter_slices(

@@ -543,9 +543,8 @@ class MetaCheckpoint:
             if k not in stored
             and (not UNUSED_KEY.fullmatch(k) or (vision and VISION_KEY.fullmatch(k)))
         ]
-        if unknown:
-            raise CheckpointError(f"{self._files[0]}: unrecognised tensor {unknown[0]}")
-        return sorted(k for k in first if k not in stored)
+        self._unaccounted = [f"{self._files[0]}: unrecognised tensor {k!r}" for k in unknown]
+        return sorted(k for k in first if k not in stored and k not in set(unknown))
 
     def _tensors(self) -> list[dict[str, Any]]:
         if self._shards is None:
@@ -576,6 +575,10 @@ class MetaCheckpoint:
     def unused_keys(self) -> list[str]:
         """Meta tensor names with no text-model counterpart (vision, RoPE cache, stats)."""
         return list(self._unused)
+
+    def unaccounted(self) -> list[str]:
+        """Meta tensors neither read nor known to be unused (see `check_source`)."""
+        return list(self._unaccounted)
 
     def location(self, key: str) -> str:
         """The shard files and Meta tensors an HF tensor is read from (for error messages)."""

@@ -298,6 +298,13 @@ class L4jaxCheckpoint:
             raise CheckpointError(
                 f"{self._params_dir}: unexpected array {array_name(extra[0])!r} for {CONFIG_FILE}"
             )
+        # non-OCDBT: one directory per array; one _METADATA does not name is unaccounted
+        names = {array_name(p) for p in stored}
+        self._unaccounted = [
+            f"{self._params_dir / d.name}: array not in {METADATA_FILE}"
+            for d in sorted(self._params_dir.iterdir())
+            if not use_ocdbt and d.is_dir() and d.name not in names
+        ]
         arrays = {}
         self._chunks: dict[ParamPath, tuple[int, ...]] = {}
         self._raw: set[ParamPath] = set()  # arrays of raw chunk files `_read` reads itself
@@ -342,6 +349,9 @@ class L4jaxCheckpoint:
 
     def unused_keys(self) -> list[str]:
         return []
+
+    def unaccounted(self) -> list[str]:
+        return list(self._unaccounted)
 
     def location(self, key: str) -> str:
         slots = self._entry(key).slots
@@ -445,7 +455,11 @@ def restore_params(
     stored = ckpt.dtype(ckpt.keys()[0])
     name = str(jnp.dtype(dtype if dtype is not None else stored))
     config = ckpt.config(**{"dtype": name, "param_dtype": name, **runtime})
+    stray = ckpt.unaccounted()
     ckpt.close()
+    if stray:
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        raise CheckpointError(f"{stray[0]}{more}: not a param of this config")
     prefix: ParamPath = ()
     if text_only and hasattr(config, "vision"):
         config, prefix = config.text, ("language_model",)
