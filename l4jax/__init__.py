@@ -4,6 +4,7 @@ from l4jax.config import Llama4Config, RopeScaling, preset
 from l4jax.convert import from_pretrained
 from l4jax.generate import generate  # `l4jax.generate` is now this function
 from l4jax.model import Llama4ForCausalLM, init_params
+from l4jax.quantization import quantize
 from l4jax.tokenizer import Tokenizer
 from l4jax.vision import Llama4ForConditionalGeneration, Llama4MultimodalConfig
 
@@ -18,5 +19,6 @@ __all__ = [
     "generate",
     "init_params",
     "preset",
+    "quantize",
 ]
 __version__ = "0.1.0"

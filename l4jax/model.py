@@ -22,6 +22,7 @@ import numpy as np
 
 from l4jax import moe
 from l4jax.config import LayerKind, Llama4Config
+from l4jax.quantization import QArray, keep_quantized
 
 Array = jax.Array
 
@@ -36,6 +37,10 @@ ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
+    if module.has_variable("params", name):  # a quantized weight (`l4jax.quantize`) is used
+        value = module.get_variable("params", name)  # as it is: Flax would check its shape
+        if isinstance(value, QArray):  # against `shape`, and packed int4 halves one dim
+            return value
     cfg: Llama4Config = module.config
     boxed = nn.with_logical_partitioning(init, axes)
     return module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
@@ -274,7 +279,8 @@ class MoE(nn.Module):
             _param(self, "up_proj", (e, d, f), ("expert", "embed", "mlp"), _fan_in_init(d)),
             _param(self, "down_proj", (e, f, d), ("expert", "mlp", "embed"), _fan_in_init(f)),
         )
-        weights = moe.ExpertWeights(*(w.astype(dtype) for w in weights))
+        # quantized experts stay quantized: the grouped matmuls dequantize block by block
+        weights = moe.ExpertWeights(*(keep_quantized(w, dtype) for w in weights))
         x_td = x_btd.reshape(-1, d)
         dispatch = moe.current_dispatch()  # one device, or expert-parallel on the ambient mesh
         routed_td, routing = dispatch(

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
+from l4jax.quantization import QArray, as_dense
+
 Array = jax.Array
 # grouped matmul: (lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]
 GroupedMatmul = Callable[[Array, Array, Array], Array]
@@ -43,9 +45,12 @@ GroupedSwiglu = Callable[[Array, Array, Array, Array], Array]
 
 
 class ExpertWeights(NamedTuple):
-    gate_edf: Array  # [E, D, F]
-    up_edf: Array  # [E, D, F]
-    down_efd: Array  # [E, F, D]
+    """Plain arrays, or `QArray`s (`l4jax.quantize`) that every backend dequantizes per expert
+    block, tile or gathered pair, never all experts at once (`dense`, the test oracle, does)."""
+
+    gate_edf: Array | QArray  # [E, D, F]
+    up_edf: Array | QArray  # [E, D, F]
+    down_efd: Array | QArray  # [E, F, D]
 
 
 class Routing(NamedTuple):
@@ -124,7 +129,11 @@ def unfused_swiglu(matmul: GroupedMatmul) -> GroupedSwiglu:
     return swiglu
 
 
-def _native_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+def _native_ragged_dot(lhs: Array, rhs: Array | QArray, group_sizes: Array) -> Array:
+    if isinstance(rhs, QArray):
+        from l4jax.kernels.quantized import quantized_ragged_dot
+
+        return quantized_ragged_dot(lhs, rhs, group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
@@ -156,10 +165,12 @@ def pallas_tiling(m: int, k: int, n: int, groups: int = 1) -> tuple[int, int, in
     return tile(-(-m // groups)), tile(k), tile(n)
 
 
-def _pallas_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-    from l4jax.kernels import gmm  # imported lazily: Pallas is only needed on this path
+def _pallas_gmm(lhs: Array, rhs: Array | QArray, group_sizes: Array) -> Array:
+    from l4jax.kernels import gmm, qgmm  # imported lazily: Pallas is only needed on this path
 
     tiling = pallas_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
+    if isinstance(rhs, QArray):  # tiles dequantized in VMEM
+        return qgmm(lhs, rhs, group_sizes, tiling=tiling, preferred_element_type=lhs.dtype)
     return gmm(lhs, rhs, group_sizes, tiling=tiling, preferred_element_type=lhs.dtype)
 
 
@@ -167,6 +178,12 @@ def _pallas_swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> A
     from l4jax.kernels import gmm_swiglu  # gate and up in one pass, SiLU before the store
 
     tiling = pallas_tiling(x_md.shape[0], x_md.shape[1], gate.shape[2], gate.shape[0])
+    if isinstance(gate, QArray):
+        from l4jax.kernels import qgmm_swiglu
+
+        return qgmm_swiglu(
+            x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype
+        )
     return gmm_swiglu(x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype)
 
 
@@ -196,9 +213,11 @@ def gathered_experts(
     local_m = jnp.where(valid_m, local_m, 0)
     scores_m = jnp.where(valid_m, scores_tk.reshape(t * k), 0).astype(x_td.dtype)
     x_md = jnp.repeat(x_td, k, axis=0) * scores_m[:, None]
-    gate = jnp.einsum("md,mdf->mf", x_md, w.gate_edf[local_m])
-    up = jnp.einsum("md,mdf->mf", x_md, w.up_edf[local_m])
-    y_md = jnp.einsum("mf,mfd->md", jax.nn.silu(gate) * up, w.down_efd[local_m])
+    dtype = x_td.dtype  # a quantized expert is dequantized per gathered pair
+    gate = jnp.einsum("md,mdf->mf", x_md, as_dense(w.gate_edf[local_m], dtype))
+    up = jnp.einsum("md,mdf->mf", x_md, as_dense(w.up_edf[local_m], dtype))
+    down = as_dense(w.down_efd[local_m], dtype)
+    y_md = jnp.einsum("mf,mfd->md", jax.nn.silu(gate) * up, down)
     return y_md.reshape(t, k, -1).sum(axis=1)
 
 
@@ -220,6 +239,7 @@ def dense_experts(
     score_te = jnp.zeros((t, num_local), scores_tk.dtype)
     score_te = score_te.at[jnp.arange(t)[:, None], local_tk].add(scores_tk, mode="drop")
     x_etd = score_te.T.astype(x_td.dtype)[:, :, None] * x_td[None]
+    w = ExpertWeights(*(as_dense(a, x_td.dtype) for a in w))  # an oracle: all experts at once
     gate = jnp.einsum("etd,edf->etf", x_etd, w.gate_edf)
     up = jnp.einsum("etd,edf->etf", x_etd, w.up_edf)
     return jnp.einsum("etf,efd->td", jax.nn.silu(gate) * up, w.down_efd)

@@ -39,6 +39,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from l4jax import moe
 from l4jax.errors import ConfigError
+from l4jax.quantization import spec_like
 from sharding.rules import Rules, logical_rules
 
 Array = jax.Array
@@ -120,6 +121,7 @@ class ExpertParallel:
         valid_t = jnp.arange(t + pad) < t
         tok, ex, hid = self.token_axes, self.expert_axes, self.hidden_axes
         w_specs = moe.ExpertWeights(_spec(ex, (), hid), _spec(ex, (), hid), _spec(ex, hid, ()))
+        w_specs = moe.ExpertWeights(*map(spec_like, w, w_specs))  # quantized: values + scales
         tok2 = _spec(tok, ())
         run = jax.shard_map(
             functools.partial(self._local, impl, top_k, num_experts // num_shards),

@@ -8,5 +8,15 @@ from l4jax.kernels.gmm import (
     make_group_schedule,
     tgmm,
 )
+from l4jax.kernels.quantized import qgmm, qgmm_swiglu
 
-__all__ = ["DEFAULT_TILING", "GroupSchedule", "gmm", "gmm_swiglu", "make_group_schedule", "tgmm"]
+__all__ = [
+    "DEFAULT_TILING",
+    "GroupSchedule",
+    "gmm",
+    "gmm_swiglu",
+    "make_group_schedule",
+    "qgmm",
+    "qgmm_swiglu",
+    "tgmm",
+]

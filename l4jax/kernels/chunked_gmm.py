@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from l4jax.quantization import QArray
+
 Array = jax.Array
 ChunkSizes = tuple[int, ...]
 DEFAULT_CHUNK_SIZES: ChunkSizes = (128, 64, 32, 16)
@@ -103,9 +105,15 @@ def _chunk_loop(
 
 
 def _gmm_loop(
-    lhs_mk: Array, rhs: Array, group_sizes: Array, chunk_sizes: ChunkSizes, transpose_rhs: bool
+    lhs_mk: Array,
+    rhs: Array | QArray,
+    group_sizes: Array,
+    chunk_sizes: ChunkSizes,
+    transpose_rhs: bool,
 ) -> Array:
-    """lhs @ rhs[g] (rhs [G, K, N]) or lhs @ rhs[g].T (rhs [G, N, K]) per chunk -> [M, N]."""
+    """lhs @ rhs[g] (rhs [G, K, N]) or lhs @ rhs[g].T (rhs [G, N, K]) per chunk -> [M, N].
+
+    A quantized `rhs` (`QArray`) is dequantized one expert at a time, in the chunk's step."""
     m = lhs_mk.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     lhs = _pad_rows(lhs_mk, chunk_sizes[0])
@@ -113,7 +121,8 @@ def _gmm_loop(
 
     def step(size: int, g: Array, start: Array, end: Array, out: Array) -> Array:
         x = jax.lax.dynamic_slice_in_dim(lhs, start, size)
-        y = jax.lax.dot_general(x, rhs[g], dims, preferred_element_type=jnp.float32)
+        w = rhs[g].astype(lhs_mk.dtype)  # a no-op for plain weights of lhs's dtype
+        y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_slice_in_dim(out, start, size)
         new = jnp.where(_row_mask(start, end, size), y.astype(out.dtype), old)
         return jax.lax.dynamic_update_slice_in_dim(out, new, start, 0)
@@ -161,12 +170,13 @@ _chunked_gmm.defvjp(_fwd, _bwd)
 
 def chunked_gmm(
     lhs_mk: Array,
-    rhs_gkn: Array,
+    rhs_gkn: Array | QArray,
     group_sizes: Array,
     chunk_sizes: ChunkSizes = DEFAULT_CHUNK_SIZES,
 ) -> Array:
     """Grouped matmul ``lhs [M, K] x rhs [G, K, N] -> [M, N]`` (``jax.lax.ragged_dot``
-    semantics, output in lhs's dtype, fp32 accumulation); differentiable in lhs and rhs."""
+    semantics, output in lhs's dtype, fp32 accumulation); differentiable in lhs and rhs.
+    A quantized ``rhs`` (`l4jax.quantization.QArray`) is for inference: not differentiated."""
     if tuple(sorted(chunk_sizes, reverse=True)) != tuple(chunk_sizes) or min(chunk_sizes) < 1:
         raise ValueError(f"chunk_sizes must be positive and descending, got {chunk_sizes}")
     if rhs_gkn.shape[1] != lhs_mk.shape[1] or group_sizes.shape != (rhs_gkn.shape[0],):
@@ -174,4 +184,6 @@ def chunked_gmm(
             f"chunked_gmm: lhs {lhs_mk.shape}, rhs {rhs_gkn.shape}, "
             f"group_sizes {group_sizes.shape} do not fit [M, K] x [G, K, N] with [G] sizes"
         )
+    if isinstance(rhs_gkn, QArray):
+        return _gmm_loop(lhs_mk, rhs_gkn, group_sizes, tuple(chunk_sizes), transpose_rhs=False)
     return _chunked_gmm(lhs_mk, rhs_gkn, group_sizes, tuple(chunk_sizes))
