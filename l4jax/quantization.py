@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from l4jax.config import Llama4Config
@@ -185,9 +186,10 @@ def _key_name(entry: Any) -> str:
     return str(getattr(entry, "key", getattr(entry, "name", entry)))
 
 
-def _weight_plan(path: tuple[str, ...], ndim: int, config: Llama4Config, mode: str):
+def weight_plan(path: tuple[str, ...], config: Llama4Config, mode: str) -> Any:
     """How the weight at `path` (a leaf of the text model's params) is quantized in `mode`:
-    None (kept), or the contraction axes (int8/fp8) / "int4"."""
+    None (kept), "int4", or the contraction axes (int8/fp8), counted from the end so that the
+    plan holds for the layer stack and for one layer's slice of it alike."""
     name = path[-1]
     in_layers = path[0] == "layers"
     slot = next((p for p in path if p.startswith("layer_")), None)
@@ -202,17 +204,17 @@ def _weight_plan(path: tuple[str, ...], ndim: int, config: Llama4Config, mode: s
     if mode == "int4":
         return "int4" if routed or shared else None
     if mode == "fp8":
-        return (ndim - 2,) if routed else None
+        return (-2,) if routed else None
     if mode != "int8":
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {MODES}")
     if in_layers and name in EXPERT_NAMES:  # routed, shared and dense MLP: [.., K, N]
-        return (ndim - 2,)
-    if in_layers and name in ("q_proj", "k_proj", "v_proj"):  # [L, D, heads, H]
-        return (1,)
-    if in_layers and name == "o_proj":  # [L, N, H, D]
-        return (1, 2)
+        return (-2,)
+    if in_layers and name in ("q_proj", "k_proj", "v_proj"):  # [.., D, heads, H]
+        return (-3,)
+    if in_layers and name == "o_proj":  # [.., N, H, D]
+        return (-3, -2)
     if path == ("lm_head",):  # [D, V]
-        return (0,)
+        return (-2,)
     return None
 
 
@@ -224,6 +226,9 @@ def quantize_leaf(w: Array, plan: Any, mode: str) -> Array | QArray:
     return (quantize_int8 if mode == "int8" else quantize_fp8)(w, plan)
 
 
+_quantize_leaf_jit = jax.jit(quantize_leaf, static_argnums=(1, 2))
+
+
 def quantize(params: Any, config: Llama4Config, mode: str) -> Any:
     """The text model's `params` with the weights of `mode` (see the module docstring) replaced
     by `QArray`s; other leaves are returned as they are. Works leaf by leaf (one jit each), so
@@ -233,12 +238,38 @@ def quantize(params: Any, config: Llama4Config, mode: str) -> Any:
 
     def one(path: Any, w: Any) -> Any:
         names = tuple(_key_name(p) for p in path)
-        plan = _weight_plan(names, len(w.shape), config, mode)
+        plan = weight_plan(names, config, mode)
         if plan is None or isinstance(w, QArray):
             return w
-        return jax.jit(quantize_leaf, static_argnums=(1, 2))(w, plan, mode)
+        return _quantize_leaf_jit(w, plan, mode)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qarray)
+
+
+# ---- streaming (checkpoint loading: one layer's slice at a time) -------------------------------
+
+
+def host_buffer(path: tuple[str, ...], shape: tuple[int, ...], dtype: Any, config, mode: str):
+    """The numpy buffer a leaf at `path` of `shape` is loaded into: an array, or a `QArray` of
+    arrays when `mode` quantizes it (fill it with `write_slice`)."""
+    plan = weight_plan(path, config, mode)
+    if plan is None:
+        return np.empty(shape, dtype)
+    out = jax.eval_shape(lambda w: quantize_leaf(w, plan, mode), jax.ShapeDtypeStruct(shape, dtype))
+    return QArray(
+        np.empty(out.qvalue.shape, out.qvalue.dtype), np.empty(out.scale.shape, out.scale.dtype)
+    )
+
+
+def write_slice(buffer: Any, index: Any, array: np.ndarray, path, config, mode: str) -> None:
+    """buffer[index] = array, quantized first (one layer's slice) if `buffer` is a `QArray`.
+    Scales never span layers, so quantizing slice by slice equals quantizing the stack."""
+    if not isinstance(buffer, QArray):
+        buffer[index] = array
+        return
+    q = _quantize_leaf_jit(jnp.asarray(array), weight_plan(path, config, mode), mode)
+    buffer.qvalue[index] = np.asarray(q.qvalue)
+    buffer.scale[index] = np.asarray(q.scale)
 
 
 def _is_qarray(x: Any) -> bool:

@@ -240,6 +240,8 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/decode.py": HELP,
     # docs/moe.md
     "python benchmarks/moe.py": HELP,
+    # docs/quantization.md
+    "python benchmarks/quantize.py": HELP,
     # docs/training.md
     "l4jax train --preset tiny --steps 50": TRAIN_CLI,  # the same CLI, tiny preset, 12 steps
     "tensorboard --logdir runs/demo/tensorboard": TRAIN_RUN,  # asserts the event files
@@ -343,6 +345,10 @@ PYTHON: dict[tuple[str, str], Snippet] = {
         check="len(logits.sharding.device_set) == 8 and np.abs(np.asarray(logits, np.float32) "
         "- np.asarray(one_device, np.float32)).max() < 3e-2 * np.abs(np.asarray(one_device, "
         "np.float32)).max()",
+    ),
+    ("docs/quantization.md", "import jax.numpy as jnp"): Snippet(
+        check="logits.shape == (1, 8, config.vocab_size) and "
+        "len(l4jax.quantization.quantized_leaves(params_q)) == 12",
     ),
     ("docs/training.md", "from l4jax import preset"): Snippet(
         setup="import numpy as np, jax.numpy as jnp\n"
