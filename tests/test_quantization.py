@@ -276,3 +276,39 @@ def test_expert_parallel_int4_forward_matches_single_device(params, mesh_spec):
         assert routed.scale.sharding.spec[3] == routed.qvalue.sharding.spec[3]
         got = jax.jit(Llama4ForCausalLM(config).apply)({"params": q_sharded}, TOKENS)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    from hf_reference import SCOUT_LIKE, build_hf_model
+
+    path = tmp_path_factory.mktemp("hf") / "scout-like"
+    build_hf_model(dict(SCOUT_LIKE, num_hidden_layers=4), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["int4", "fp8"])
+def test_from_pretrained_quantizes_layer_by_layer(hf_checkpoint, mode):
+    model, params = l4jax.from_pretrained(hf_checkpoint, dtype="float32")
+    _, streamed = l4jax.from_pretrained(hf_checkpoint, dtype="float32", quantize=mode)
+    want = l4jax.quantize(params, model.config, mode)
+    flat = jax.tree_util.tree_flatten_with_path(streamed, is_leaf=_is_q)
+    assert [p for p, _ in flat[0]] == [
+        p for p, _ in jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_q)[0]
+    ]
+    for got, ref in zip(jax.tree.leaves(streamed), jax.tree.leaves(want), strict=True):
+        assert got.dtype == ref.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+    assert len(quantized_leaves(streamed)) == len(quantized_leaves(want)) > 0
+
+
+def test_from_pretrained_rejects_unknown_mode(hf_checkpoint):
+    with pytest.raises(l4jax.errors.ConfigError, match="quantize='nf4': choose one of int8"):
+        l4jax.from_pretrained(hf_checkpoint, quantize="nf4")
+
+
+def _is_q(x):
+    return isinstance(x, QArray)

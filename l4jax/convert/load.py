@@ -25,8 +25,10 @@ from l4jax.convert.mapping import (
     set_path,
 )
 from l4jax.convert.orbax import L4jaxCheckpoint, is_l4jax_dir, restore_params
-from l4jax.errors import CheckpointError
+from l4jax.errors import CheckpointError, ConfigError
 from l4jax.model import Llama4ForCausalLM
+from l4jax.quantization import MODES, host_buffer, write_slice
+from l4jax.quantization import quantize as quantize_params
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,34 @@ def source_config(source: Any, **runtime: Any) -> Llama4Config:
         raise CheckpointError(f"{getattr(source, 'path', '')}: {e}") from None
 
 
-def load_params(source: TensorSource, config: Llama4Config, dtype: Any = None) -> dict[str, Any]:
-    """Read every tensor once into the scanned l4jax param tree (host RAM, then device)."""
-    return load_entries(source, hf_entries(config), dtype or config.param_dtype)
+def load_params(
+    source: TensorSource, config: Llama4Config, dtype: Any = None, quantize: str | None = None
+) -> dict[str, Any]:
+    """Read every tensor once into the scanned l4jax param tree (host RAM, then device);
+    with `quantize` (`l4jax.quantization.MODES`), its weights quantized layer by layer."""
+    dtype = dtype or config.param_dtype
+    return load_entries(source, hf_entries(config), dtype, config, quantize)
 
 
-def load_entries(source: TensorSource, entries: list[Entry], dtype: Any) -> dict[str, Any]:
-    """Read the tensors of `entries` once into their param tree (host RAM, then device)."""
+def load_entries(
+    source: TensorSource,
+    entries: list[Entry],
+    dtype: Any,
+    config: Llama4Config | None = None,
+    quantize: str | None = None,
+) -> dict[str, Any]:
+    """Read the tensors of `entries` once into their param tree (host RAM, then device).
+
+    With `quantize`, a weight it quantizes is held on the host only quantized: each layer's
+    slice is quantized as it is read, so host memory peaks at the quantized model plus one
+    tensor, not the model in `dtype`."""
     check_source(source, None, entries)
     target = np.dtype(jnp.dtype(dtype))
-    host: dict[tuple[str, ...], np.ndarray] = {
-        path: np.empty(shape, target) for path, shape in entry_shapes(entries).items()
+    host: dict[tuple[str, ...], Any] = {
+        path: np.empty(shape, target)
+        if quantize is None
+        else host_buffer(path, shape, target, config, quantize)
+        for path, shape in entry_shapes(entries).items()
     }
     slices = iter_slices(source, entries, target)
     total = sum(len(e.slots) for e in entries)
@@ -79,10 +98,11 @@ def load_entries(source: TensorSource, entries: list[Entry], dtype: Any) -> dict
         leave=False,
         disable=not sys.stderr.isatty(),
     ):
-        if slot.group is None:
-            host[slot.path][...] = array
+        index = ... if slot.group is None else slot.group
+        if quantize is None:
+            host[slot.path][index] = array
         else:
-            host[slot.path][slot.group] = array
+            write_slice(host[slot.path], index, array, slot.path, config, quantize)
     params: dict[str, Any] = {}
     for path, array in host.items():
         set_path(params, path, jax.device_put(array))
@@ -90,7 +110,11 @@ def load_entries(source: TensorSource, entries: list[Entry], dtype: Any) -> dict
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype: Any = None, text_only: bool = False, **runtime: Any
+    path: str | os.PathLike,
+    dtype: Any = None,
+    text_only: bool = False,
+    quantize: str | None = None,
+    **runtime: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Load a Hugging Face or Meta Llama 4 checkpoint as `(model, params)`.
 
@@ -100,11 +124,18 @@ def from_pretrained(
     `vision_args`, l4jax `vision_config`) gives `l4jax.vision.Llama4ForConditionalGeneration`,
     or with `text_only` the text model `Llama4ForCausalLM` (its vision tensors are not read).
     An l4jax checkpoint (`l4jax convert`) is restored with Orbax (`restore_params`).
+    `quantize` (int4, int8, fp8: `l4jax.quantize`) quantizes the text model's weights, layer by
+    layer while reading a Hugging Face or Meta checkpoint (docs/quantization.md).
     """
+    if quantize is not None and quantize not in MODES:
+        raise ConfigError(f"quantize={quantize!r}: choose one of {', '.join(MODES)}")
     if is_l4jax_dir(path):
         config, params = restore_params(path, dtype=dtype, text_only=text_only, **runtime)
         if not hasattr(config, "vision"):
+            if quantize is not None:
+                params = quantize_params(params, config, quantize)
             return Llama4ForCausalLM(config), params
+        _text_only_quantize(path, quantize)
         from l4jax.vision import Llama4ForConditionalGeneration
 
         return Llama4ForConditionalGeneration(config), params
@@ -112,6 +143,7 @@ def from_pretrained(
         from l4jax.convert.multimodal import is_multimodal, load_multimodal
 
         if is_multimodal(path):
+            _text_only_quantize(path, quantize)
             return load_multimodal(path, dtype, **runtime)
     source = open_checkpoint(path)
     hf = source.hf_config()
@@ -122,8 +154,16 @@ def from_pretrained(
     log.info(
         "loading %s (%d layers) from %s", type(source).__name__, config.num_hidden_layers, path
     )
-    params = load_params(source, config)
+    params = load_params(source, config, quantize=quantize)
     return Llama4ForCausalLM(config), params
+
+
+def _text_only_quantize(path: Any, quantize: str | None) -> None:
+    if quantize is not None:
+        raise ConfigError(
+            f"{path}: quantize={quantize!r} quantizes the text model of a multimodal "
+            "checkpoint: load it with text_only=True"
+        )
 
 
 def _torch_dtype(hf: dict[str, Any]) -> str:
