@@ -44,6 +44,7 @@ from l4jax.convert.load import open_checkpoint, source_config
 from l4jax.errors import ConfigError, ImageError
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
 from l4jax.moe import resolve_impl
+from l4jax.quantization import MODES, quantize_logged
 from l4jax.tokenizer import Message, Tokenizer
 from l4jax.vision import PIXEL_DTYPES, replace_image_embeddings
 
@@ -728,6 +729,12 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's, float32"
     )
+    p.add_argument(
+        "--quantize",
+        choices=MODES,
+        help="quantize the text model's weights after loading (l4jax.quantize: int4 = Meta's "
+        "int4_mixed, fp8 = its fp8_mixed, int8 per channel; docs/quantization.md)",
+    )
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -773,6 +780,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode_dialog_prompt(messages)
     log.info("prompt: %d tokens, %d image(s)", len(prompt), len(args.image))
+    params = quantize_logged(params, model.config, args.quantize)
     stream_generate(model, params, tokenizer, prompt, _write, **_sampling_kwargs(args), **images)
     _write("\n")
     return 0
@@ -793,6 +801,7 @@ def run_chat_cli(args: argparse.Namespace) -> int:
         for path in args.image:  # (in the first user turn)
             images.add(path)
         model, params = images.text_model, images.text_params
+    params = quantize_logged(params, model.config, args.quantize)
     interactive = sys.stdin.isatty()
 
     def lines() -> Iterator[str]:

@@ -39,6 +39,7 @@ block or tile at a time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -49,6 +50,7 @@ from jax.sharding import PartitionSpec
 
 from l4jax.config import Llama4Config
 
+log = logging.getLogger(__name__)
 Array = jax.Array
 MODES = ("int8", "int4", "fp8")
 INT4_GROUP = 128  # Meta's group size along the contraction dim
@@ -227,6 +229,16 @@ def quantize_leaf(w: Array, plan: Any, mode: str) -> Array | QArray:
 
 
 _quantize_leaf_jit = jax.jit(quantize_leaf, static_argnums=(1, 2))
+
+
+def quantize_logged(params: Any, config: Llama4Config, mode: str | None) -> Any:
+    """`quantize`, logging the bytes before and after; `mode=None` returns `params`."""
+    if mode is None:
+        return params
+    before = nbytes(params)
+    params = quantize(params, config, mode)
+    log.info("quantized to %s: %.1f MB -> %.1f MB", mode, before / 1e6, nbytes(params) / 1e6)
+    return params
 
 
 def quantize(params: Any, config: Llama4Config, mode: str) -> Any:

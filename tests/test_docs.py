@@ -242,6 +242,9 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/moe.py": HELP,
     # docs/quantization.md
     "python benchmarks/quantize.py": HELP,
+    'l4jax generate --checkpoint DIR --prompt "..." --quantize int4': (
+        "tests/test_quantization.py::test_generate_cli_quantize"
+    ),
     # docs/training.md
     "l4jax train --preset tiny --steps 50": TRAIN_CLI,  # the same CLI, tiny preset, 12 steps
     "tensorboard --logdir runs/demo/tensorboard": TRAIN_RUN,  # asserts the event files

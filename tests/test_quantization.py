@@ -312,3 +312,17 @@ def test_from_pretrained_rejects_unknown_mode(hf_checkpoint):
 
 def _is_q(x):
     return isinstance(x, QArray)
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # the tiny preset with Llama 4's 202048-token vocabulary: ~30 s
+def test_generate_cli_quantize(capsys, caplog):
+    from l4jax.cli import main
+
+    caplog.set_level("INFO")
+    args = ["generate", "--preset", "tiny", "--prompt", "Hi", "--max-new-tokens", "3"]
+    assert main([*args, "--temperature", "0", "--quantize", "int4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert "quantized to int4" in caplog.text
