@@ -261,6 +261,9 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     # benchmarks/README.md: measurement records (module docstring)
     "python benchmarks/NAME.py --help": HELP,
     "python benchmarks/moe.py --part model": HELP,
+    "python benchmarks/quantize.py --parts speed": HELP,
+    "python benchmarks/quantize.py --parts roofline": HELP,
+    "python benchmarks/quantize.py --parts quality --train-steps 150": HELP,
     "python benchmarks/moe.py --part layer --runs 7": HELP,
     "python benchmarks/moe.py --part layer --backends --runs 2 --experts 8 32 128": HELP,
     "python benchmarks/train.py --configs moe16 --steps 2": HELP,

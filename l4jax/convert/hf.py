@@ -28,6 +28,21 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
+def check_quantization_config(config_file: Path, hf: dict[str, Any]) -> None:
+    """Pre-quantized HF checkpoints (e.g. Maverick's FP8 release, compressed-tensors
+    "float-quantized") are not read yet: a one-line error naming the scheme, not missing
+    tensors. Quantize a bf16 checkpoint while loading instead (`quantize=`)."""
+    qc = hf.get("quantization_config") or hf.get("text_config", {}).get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        fmt = qc.get("format", "") if isinstance(qc, dict) else ""
+        raise CheckpointError(
+            f"{config_file}: quantization_config (quant_method {method!r}"
+            f"{f', format {fmt!r}' if fmt else ''}) is not supported; load the bf16 checkpoint "
+            "with from_pretrained(path, quantize='fp8' | 'int4' | 'int8') instead"
+        )
+
+
 class HFCheckpoint:
     """A HF Llama 4 checkpoint directory, read lazily tensor by tensor."""
 
@@ -43,6 +58,7 @@ class HFCheckpoint:
                 self._hf_config: dict[str, Any] = json.load(f)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        check_quantization_config(config_file, self._hf_config)
         self._handles: dict[str, Any] = {}
         self._unaccounted: list[str] = []  # tensors and files the index does not account for
         self._files = self._tensor_files()
