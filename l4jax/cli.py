@@ -55,6 +55,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_lora(args: argparse.Namespace) -> int:
+    from l4jax.post.lora import merge_lora_run
+
+    dst, config = merge_lora_run(args.run_dir, args.dst, args.step)
+    print(
+        f"l4jax merge-lora: {args.run_dir} -> {dst} (l4jax checkpoint, {config.num_params():,} "
+        "params, adapters folded in)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l4jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
@@ -87,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out stored tensors the model does not use (listed) instead of failing",
     )
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser(
+        "merge-lora", help="fold a LoRA run's adapters into its base: a plain l4jax checkpoint"
+    )
+    p.add_argument("run_dir", metavar="RUN", help="the LoRA training run (its --checkpoint-dir)")
+    p.add_argument("dst", help="new l4jax checkpoint directory (must not exist)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.set_defaults(run=_merge_lora)
 
     from l4jax.train import add_train_arguments, run_cli
 

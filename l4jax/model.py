@@ -36,6 +36,21 @@ REMAT_POLICIES = {
 ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
 
 
+# LoRA adapters (l4jax.post.lora) live in this variable collection, beside the weight they
+# adapt: `{name}_a` [batch.., in.., r] and `{name}_b` [batch.., r, out..] (b already scaled)
+LORA = "lora"
+
+
+def lora_delta(a: Array, b: Array, w_ndim: int) -> Array:
+    """A @ B over the rank axis, fp32, shaped like the adapted weight: `a` [batch.., in.., r],
+    `b` [batch.., r, out..] (batch axes: stacked layers and/or experts)."""
+    nb = a.ndim + b.ndim - w_ndim - 2
+    ni, no = a.ndim - nb - 1, b.ndim - nb - 1
+    letters = "abcdefghijkl"
+    bt, i, o = letters[:nb], letters[nb : nb + ni], letters[nb + ni : nb + ni + no]
+    return jnp.einsum(f"{bt}{i}r,{bt}r{o}->{bt}{i}{o}", a, b, preferred_element_type=jnp.float32)
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
     if module.has_variable("params", name):  # a quantized weight (`l4jax.quantize`) is used
         value = module.get_variable("params", name)  # as it is: Flax would check its shape
@@ -43,7 +58,13 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
             return value
     cfg: Llama4Config = module.config
     boxed = nn.with_logical_partitioning(init, axes)
-    return module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
+    w = module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
+    if module.has_variable(LORA, f"{name}_a"):
+        # W + A @ B for this layer only (inside the layer scan), in fp32 so a bf16 base does not
+        # round the update away; zero B gives W exactly
+        a, b = module.get_variable(LORA, f"{name}_a"), module.get_variable(LORA, f"{name}_b")
+        w = w.astype(jnp.float32) + lora_delta(a, b, w.ndim)
+    return w
 
 
 def _fan_in_init(fan_in: int):
@@ -282,11 +303,22 @@ class MoE(nn.Module):
         # quantized experts stay quantized: the grouped matmuls dequantize block by block
         weights = moe.ExpertWeights(*(keep_quantized(w, dtype) for w in weights))
         x_td = x_btd.reshape(-1, d)
-        dispatch = moe.current_dispatch()  # one device, or expert-parallel on the ambient mesh
-        routed_td, routing = dispatch(
-            cfg.moe_impl, x_td, router.astype(dtype), cfg.num_experts_per_tok, weights
-        )
+        if self.has_variable("routing", "expert_ids"):
+            # routing replay (l4jax.post GRPO): the experts chosen during the rollout, with
+            # this router's scores for them; XLA partitions this path as it can
+            routing = moe.replay_route(
+                x_td, router.astype(dtype), self.get_variable("routing", "expert_ids")
+            )
+            routed_td = moe.routed_experts(
+                cfg.moe_impl, x_td, routing.expert_ids_tk, routing.scores_tk, weights
+            )
+        else:
+            dispatch = moe.current_dispatch()  # one device, or expert-parallel on the mesh
+            routed_td, routing = dispatch(
+                cfg.moe_impl, x_td, router.astype(dtype), cfg.num_experts_per_tok, weights
+            )
         self.sow("intermediates", "tokens_per_expert", routing.tokens_per_expert)
+        self.sow("intermediates", "expert_ids", routing.expert_ids_tk)
         if self.is_mutable_collection("losses"):  # optional router losses (l4jax.train)
             self.sow("losses", "router_z_loss", router_z_loss(routing.logits_te))
             self.sow("losses", "load_balance_loss", load_balance_loss(routing))
@@ -363,7 +395,7 @@ def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
         body = nn.remat(body, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     return nn.scan(
         body,
-        variable_axes={"params": 0, "intermediates": 0, "losses": 0},
+        variable_axes={"params": 0, "intermediates": 0, "losses": 0, LORA: 0, "routing": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),  # cache per group
         length=config.num_hidden_layers // config.scan_period,

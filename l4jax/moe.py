@@ -69,6 +69,14 @@ def route(x_td: Array, router_de: Array, top_k: int) -> Routing:
     return Routing(top_i, jax.nn.sigmoid(top_v), counts_e, logits_te)
 
 
+def replay_route(x_td: Array, router_de: Array, expert_ids_tk: Array) -> Routing:
+    """`route` with the experts given (routing replay): their sigmoid scores from this router."""
+    logits_te = jnp.einsum("td,de->te", x_td, router_de, preferred_element_type=jnp.float32)
+    top_v = jnp.take_along_axis(logits_te, expert_ids_tk, axis=-1)
+    counts_e = expert_counts(expert_ids_tk, router_de.shape[-1])
+    return Routing(expert_ids_tk, jax.nn.sigmoid(top_v), counts_e, logits_te)
+
+
 def expert_counts(expert_ids_tk: Array, num_experts: int, valid_t: Array | None = None) -> Array:
     """[E] int32: (token, expert) pairs routed to each expert, counting only `valid_t` tokens."""
     weights = (

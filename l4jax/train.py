@@ -19,14 +19,16 @@ The same code runs on one CPU, on simulated devices, on several processes and on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -52,6 +54,7 @@ from sharding.rules import (
 log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: [B, T] int32
+TASKS = ("pretrain", "sft", "dpo", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +92,17 @@ class TrainConfig:
     progress: bool = True
     sample_tokens: int = 200
     sample_prompt: str = "def "
-    sample_temperature: float = 0.7
+    sample_temperature: float = 0.7  # also the GRPO rollout temperature
+    task: str = "pretrain"  # pretrain | sft | dpo | grpo (l4jax.post)
+    post: Any = None  # l4jax.post.PostConfig of the sft/dpo/grpo/LoRA settings
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name}: must be a positive int, got {value!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"TrainConfig.task: {self.task!r} is not one of {TASKS}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig.batch_size: {self.batch_size} is not divisible by "
@@ -193,62 +200,134 @@ def loss_terms(
     return ce_sum, jnp.sum(weights_bt), router, load_le
 
 
+class Objective(NamedTuple):
+    """What a train step minimises.
+
+    `loss(params, frozen, micro_batch, denominator) -> (value, metrics)`: `value` is
+    differentiated w.r.t. `params` and `metrics` (arrays) are summed over micro-batches;
+    `denominator(batch)` is computed once on the whole batch (e.g. its target tokens), so
+    micro-batches add up to the full batch's mean. `frozen` holds arrays that are read but not
+    trained (a LoRA base, a DPO/GRPO reference); pretraining has none.
+    """
+
+    loss: Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    denominator: Callable[[Batch], jax.Array]
+
+
+def pretrain_objective(config: Llama4Config, tc: TrainConfig) -> Objective:
+    """Next-token cross-entropy over packed rows (+ optional router losses)."""
+    router_losses = tc.router_z_loss > 0 or tc.load_balance_loss > 0
+
+    def loss(params, frozen, mb, total):
+        del frozen
+        ce_sum, _, router, load = loss_terms(config, params, mb, router_losses)
+        value = ce_sum / total
+        metrics = {"loss": value, "router_load": load}
+        if router_losses:
+            router = {k: v / tc.grad_accum for k, v in router.items()}
+            value += tc.router_z_loss * router["router_z_loss"]
+            value += tc.load_balance_loss * router["load_balance_loss"]
+            metrics.update(router)
+        return value, metrics
+
+    def denominator(batch):
+        _, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+        return jnp.maximum(jnp.sum(weights), 1.0)
+
+    return Objective(loss, denominator)
+
+
+@dataclasses.dataclass
+class Task:
+    """What `train` trains: an objective, its batches, and which parameters it trains.
+
+    `pretrain_task` trains every parameter on packed text; `l4jax.post.make_task` builds sft,
+    dpo and grpo (with LoRA the trained params are the adapters and the base is `frozen`).
+    """
+
+    name: str
+    objective: Objective
+    batch_spec: dict[str, tuple[tuple[int, ...], Any]]  # name -> (global shape, dtype)
+    init_params: Callable[[jax.Array], Any]  # rng -> fresh trainable params
+    param_axes: Any  # logical PartitionSpecs of the trainable params
+    frozen: Any = dataclasses.field(default_factory=dict)  # placed on the mesh by the task
+    initial_params: Any = None  # trainable params to start from (--init-from), else init
+    # -> (iterator of host batches with get_state/set_state, description)
+    data: Callable[[], tuple[Any, str]] | None = None
+    # (state, host batch) -> (global device batch, host metrics); None: to_global_array
+    prepare: Callable[[Any, Any], tuple[Batch, dict[str, float]]] | None = None
+    # trainable params -> the model's full param tree (LoRA: base + adapters, merged)
+    model_params: Callable[[Any], Any] | None = None
+
+
+def pretrain_task(config: Llama4Config, tc: TrainConfig) -> Task:
+    model = Llama4ForCausalLM(config)
+
+    def init_params(rng):
+        return nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+
+    rows = ((tc.batch_size, tc.seq_len), jnp.int32)
+    return Task(
+        "pretrain",
+        pretrain_objective(config, tc),
+        {"tokens": rows, "segment_ids": rows, "positions": rows},
+        init_params,
+        param_logical_axes(config),
+    )
+
+
 def _microbatches(batch: Batch, n: int) -> Batch:
     """[B, T] -> [n, B/n, T], micro-batch i = rows i, n+i, 2n+i, ... so every device keeps
     contributing rows to every micro-batch."""
     return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
-def make_train_step(config: Llama4Config, tc: TrainConfig, tx: optax.GradientTransformation):
-    """(state, batch) -> (new state, metrics); batch rows are the global batch."""
-    router_losses = tc.router_z_loss > 0 or tc.load_balance_loss > 0
+def make_train_step(
+    config: Llama4Config,
+    tc: TrainConfig,
+    tx: optax.GradientTransformation,
+    objective: Objective | None = None,
+):
+    """(state, batch, frozen) -> (new state, metrics); batch rows are the global batch."""
+    objective = objective or pretrain_objective(config, tc)
     schedule = lr_schedule(tc)
 
-    def micro_grads(params, mb, total_tokens):
-        def objective(p):
-            ce_sum, count, router, load = loss_terms(config, p, mb, router_losses)
-            obj = ce_sum / total_tokens
-            if router_losses:
-                aux = tc.router_z_loss * router["router_z_loss"]
-                aux += tc.load_balance_loss * router["load_balance_loss"]
-                obj += aux / tc.grad_accum
-            return obj, (ce_sum, router, load)
-
-        (_, (ce_sum, router, load)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    def micro_grads(params, frozen, mb, denominator):
+        (_, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+            params, frozen, mb, denominator
+        )
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        return grads, ce_sum, router, load
+        return grads, metrics
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        _, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-        total = jnp.maximum(jnp.sum(weights), 1.0)
+    def train_step(
+        state: TrainState, batch: Batch, frozen: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        frozen = {} if frozen is None else frozen
+        denominator = objective.denominator(batch)
         if tc.grad_accum == 1:
-            grads, ce_sum, router, load = micro_grads(state.params, batch, total)
+            grads, metrics = micro_grads(state.params, frozen, batch, denominator)
         else:
 
             def body(carry, mb):
-                out = micro_grads(state.params, mb, total)
+                out = micro_grads(state.params, frozen, mb, denominator)
                 return jax.tree.map(jnp.add, carry, out), None
 
             zeros = jax.eval_shape(
-                micro_grads, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, 1)),
-                total,
+                micro_grads, state.params, frozen,
+                jax.tree.map(lambda x: x[0], _microbatches(batch, 1)), denominator,
             )  # fmt: skip
             init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grads, ce_sum, router, load), _ = jax.lax.scan(
-                body, init, _microbatches(batch, tc.grad_accum)
-            )
-            router = {k: v / tc.grad_accum for k, v in router.items()}
+            (grads, metrics), _ = jax.lax.scan(body, init, _microbatches(batch, tc.grad_accum))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": ce_sum / total,
+            **metrics,
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
-            "target_tokens": total,
-            "router_load": load,
-            **router,
+            "target_tokens": denominator,
         }
+        metrics.setdefault("router_load", jnp.zeros((0, config.num_local_experts), jnp.int32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -321,16 +400,30 @@ def _check_divisible(config: Llama4Config, tc: TrainConfig, mesh: Mesh) -> None:
 
 
 class Trainer:
-    """Mesh, shardings, jitted init and train step for one (model, training) config."""
+    """Mesh, shardings, jitted init and train step for one (model, training) config and task
+    (default: pretraining)."""
 
-    def __init__(self, config: Llama4Config, tc: TrainConfig, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        config: Llama4Config,
+        tc: TrainConfig,
+        mesh: Mesh | None = None,
+        task: Task | Callable[[Mesh], Task] | None = None,
+    ):
+        """`task`: a Task, or a function of the mesh that builds one (frozen arrays are placed
+        on the mesh)."""
         self.config, self.tc = config, tc
         self.mesh = mesh if mesh is not None else make_mesh(tc.mesh)
         _check_divisible(config, tc, self.mesh)
+        if task is None:
+            task = pretrain_task(config, tc)
+        elif not isinstance(task, Task):
+            task = task(self.mesh)
+        self.task = task
         self.tx = make_optimizer(tc)
         self.model = Llama4ForCausalLM(config)
-        self.param_shardings = param_shardings(param_logical_axes(config), self.mesh, tc.strategy)
-        abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
+        self.param_shardings = param_shardings(task.param_axes, self.mesh, tc.strategy)
+        abstract_params = jax.eval_shape(task.init_params, jax.random.key(0))
         self.state_shardings = TrainState(
             step=replicated(self.mesh),
             params=self.param_shardings,
@@ -339,24 +432,24 @@ class Trainer:
             ),
         )
         self.batch_sharding = batch_sharding(self.mesh, tc.strategy)
+        self.frozen_shardings = jax.tree.map(lambda x: x.sharding, task.frozen)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self._step = jax.jit(
-            make_train_step(config, tc, self.tx),
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            make_train_step(config, tc, self.tx, task.objective),
+            in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
             out_shardings=(self.state_shardings, replicated(self.mesh)),
             donate_argnums=0,
         )
 
-    def _init_params(self, rng: jax.Array) -> Any:
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        return nn.unbox(self.model.init(rng, tokens)["params"])
-
     def _init_state(self, rng: jax.Array) -> TrainState:
-        params = self._init_params(rng)
+        params = self.task.init_params(rng)
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     def init(self, seed: int) -> TrainState:
-        """A fresh state, created directly sharded (never whole on one device)."""
+        """A fresh state, created directly sharded (never whole on one device); the task's
+        `initial_params` (--init-from) when it has them."""
+        if self.task.initial_params is not None:
+            return self.state_from_params(self.task.initial_params)
         with mesh_context(self.mesh, self.tc.strategy):
             return self._init(jax.random.key(seed))
 
@@ -381,18 +474,17 @@ class Trainer:
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         with mesh_context(self.mesh, self.tc.strategy):
-            return self._step(state, batch)
+            return self._step(state, batch, self.task.frozen)
 
     def compile(self, state: TrainState) -> float:
         """Compile the train step ahead of time; returns seconds."""
         start = time.perf_counter()
-        rows = jax.ShapeDtypeStruct(
-            (self.tc.batch_size, self.tc.seq_len), jnp.int32, sharding=self.batch_sharding
-        )
+        batch = {
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for name, (shape, dtype) in self.task.batch_spec.items()
+        }
         with mesh_context(self.mesh, self.tc.strategy):
-            self._step = self._step.lower(
-                state, {"tokens": rows, "segment_ids": rows, "positions": rows}
-            ).compile()
+            self._step = self._step.lower(state, batch, self.task.frozen).compile()
         return time.perf_counter() - start
 
 
@@ -501,9 +593,9 @@ def step_record(
         "grad_norm": float(metrics["grad_norm"]),
         "lr": float(metrics["lr"]),
     }
-    for name in ("router_z_loss", "load_balance_loss"):
-        if name in metrics:
-            record[name] = float(metrics[name])
+    for name, value in metrics.items():  # the objective's own scalars (dpo, grpo, router)
+        if name not in record and name != "target_tokens" and np.ndim(value) == 0:
+            record[name] = float(value)
     if seconds is not None and seconds > 0:
         tokens_per_s = tc.batch_size * tc.seq_len / seconds
         peak, nominal = device_peak_flops()
@@ -529,6 +621,9 @@ def _log_line(record: dict[str, Any]) -> str:
         nominal = " (nominal CPU peak)" if record["mfu_peak_is_nominal"] else ""
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         parts.append(f"MFU {100 * record['mfu']:.2f}%{nominal}")
+    for name in ("reward_accuracy", "reward_margin", "reward_mean", "kl"):  # dpo, grpo
+        if name in record:
+            parts.append(f"{name} {record[name]:.3f}")
     if "router_max_load" in record:
         parts.append(f"router max/mean load {record['router_max_load']:.2f}")
     return " | ".join(parts)
@@ -554,8 +649,12 @@ def train(
     tokenizer: Any = None,
     mesh: Mesh | None = None,
     sample: bool = True,
+    task: Task | Callable[[Mesh], Task] | None = None,
 ) -> TrainResult:
-    """Train `config` as `tc` says; resumes from `tc.checkpoint_dir` when it holds a checkpoint."""
+    """Train `config` as `tc` says; resumes from `tc.checkpoint_dir` when it holds a checkpoint.
+
+    `task` (default: `tc.task`, pretraining or `l4jax.post.make_task`) gives the objective, the
+    data and the trainable params."""
     from tqdm.auto import tqdm
 
     from l4jax.checkpoint import TrainCheckpointer, write_run_config
@@ -563,24 +662,34 @@ def train(
     from pipelines.sources import default_corpus, open_source
 
     tokenizer = tokenizer or tokenizer_for(config, tc.tokenizer)
-    if source is None:
-        source = open_source(tc.data, tc.data_field) if tc.data else default_corpus()
-    log.info("data: %r, tokenizer %r", source, tokenizer)
-    trainer = Trainer(config, tc, mesh)
+    if task is None and tc.task != "pretrain":
+        from l4jax.post import make_task  # sft, dpo, grpo, LoRA
+
+        task = functools.partial(make_task, config, tc, tokenizer)
+    trainer = Trainer(config, tc, mesh, task)
     log.info(
         "mesh %s, %s parameters (%s active per token)",
         dict(trainer.mesh.shape),
         f"{config.num_params():,}",
         f"{config.num_params(active=True):,}",
     )
-    data_config = DataConfig(tc.seq_len, tc.batch_size, tc.seed, tc.data_workers)
-    iterator = iter(make_dataset(source, tokenizer, data_config))
+    if trainer.task.data is not None:
+        iterator, description = trainer.task.data()
+        log.info("%s data: %s, tokenizer %r", tc.task, description, tokenizer)
+    else:
+        if source is None:
+            source = open_source(tc.data, tc.data_field) if tc.data else default_corpus()
+        log.info("data: %r, tokenizer %r", source, tokenizer)
+        data_config = DataConfig(tc.seq_len, tc.batch_size, tc.seed, tc.data_workers)
+        iterator = iter(make_dataset(source, tokenizer, data_config))
     checkpointer = None
     start = 0
     if tc.checkpoint_dir:
         write_run_config(tc.checkpoint_dir, config, dataclasses.asdict(tc))
+        # config.json makes each step an l4jax checkpoint: only when it holds the full model
+        full = trainer.task.model_params is None
         checkpointer = TrainCheckpointer(
-            tc.checkpoint_dir, tc.keep, tc.async_checkpoint, config=config
+            tc.checkpoint_dir, tc.keep, tc.async_checkpoint, config=config if full else None
         )
         latest = checkpointer.latest_step()
     else:
@@ -607,7 +716,7 @@ def train(
 
     def report(step, metrics, done_time):
         nonlocal last_time
-        host = jax.device_get(metrics)
+        host = {**jax.device_get(metrics[0]), **metrics[1]}
         seconds, last_time = done_time - last_time, done_time
         record, frac = step_record(step, host, seconds, tc, fpt)
         losses[step] = record["loss"]
@@ -626,16 +735,20 @@ def train(
     last_time = time.perf_counter()
     try:
         for step in range(start + 1, tc.steps + 1):
-            batch = to_global_array(next(iterator), trainer.batch_sharding)
+            if trainer.task.prepare is not None:  # e.g. GRPO rollouts from the current policy
+                batch, host_metrics = trainer.task.prepare(state, next(iterator))
+            else:
+                batch = to_global_array(next(iterator), trainer.batch_sharding)
+                host_metrics = {}
             state, metrics = trainer.step(state, batch)
             if pending is not None:
-                jax.block_until_ready(pending[1]["loss"])
+                jax.block_until_ready(pending[1][0]["loss"])
                 report(pending[0], pending[1], time.perf_counter())
-            pending = (step, metrics)
+            pending = (step, (metrics, host_metrics))
             if checkpointer and (step % tc.save_every == 0 or step == tc.steps):
                 checkpointer.save(step, state, iterator)
         if pending is not None:
-            jax.block_until_ready(pending[1]["loss"])
+            jax.block_until_ready(pending[1][0]["loss"])
             report(pending[0], pending[1], time.perf_counter())
     finally:
         bar.close()
@@ -648,8 +761,11 @@ def train(
     if sample and tc.sample_tokens > 0 and jax.process_count() > 1:
         log.info("no sample at the end of a multi-process run (sample from the checkpoint)")
     elif sample and tc.sample_tokens > 0:
+        params = state.params
+        if trainer.task.model_params is not None:
+            params = trainer.task.model_params(params)
         text = sample_text(
-            config, state.params, tokenizer, tc.sample_prompt, tc.sample_tokens,
+            config, params, tokenizer, tc.sample_prompt, tc.sample_tokens,
             tc.sample_temperature, tc.seed,
         )  # fmt: skip
     return TrainResult(state, losses, start, compile_seconds, text)
@@ -727,7 +843,31 @@ def add_train_arguments(p: Any) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="0: no sample")
     out.add_argument("--prompt", default=d.sample_prompt, help="prompt of the final sample")
-    out.add_argument("--temperature", type=float, default=d.sample_temperature)
+    out.add_argument(
+        "--temperature", type=float, default=d.sample_temperature,
+        help="of the final sample, and of GRPO rollouts",
+    )  # fmt: skip
+    post = p.add_argument_group("post-training (docs/post_training.md)")
+    post.add_argument("--task", default=d.task, choices=TASKS, help="the training objective")
+    post.add_argument("--init-from", help="start from this checkpoint (HF, Meta, l4jax, a run)")
+    post.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    post.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha / rank")
+    post.add_argument(
+        "--lora-targets", default="attention",
+        help="comma list: q_proj,k_proj,v_proj,o_proj,attention,shared_expert,experts,mlp",
+    )  # fmt: skip
+    post.add_argument("--beta", type=float, help="dpo: beta (0.1); grpo: KL weight (0.04)")
+    post.add_argument("--label-smoothing", type=float, default=0.0, help="dpo: cDPO smoothing")
+    post.add_argument("--reward", help="grpo: MODULE:FUNCTION, FILE.py:FUNCTION or a built-in")
+    post.add_argument("--num-generations", type=int, default=8, help="grpo: per prompt")
+    post.add_argument("--max-new-tokens", type=int, default=16, help="grpo: completion length")
+    post.add_argument("--epsilon", type=float, default=0.2, help="grpo: ratio clip")
+    post.add_argument("--grpo-iterations", type=int, default=1, help="grpo: steps per rollout")
+    post.add_argument("--routing-replay", action="store_true", help="grpo: rollout's experts")
+    post.add_argument(
+        "--no-dynamic-filtering", action="store_true",
+        help="grpo: keep groups whose rewards are all equal",
+    )  # fmt: skip
 
 
 def _initialize_distributed(args: Any) -> None:
@@ -756,6 +896,10 @@ def model_config_from_args(args: Any) -> Llama4Config:
         )
         if value is not None
     }
+    if getattr(args, "init_from", None):  # the checkpoint's own model
+        from l4jax.post.tasks import init_from_config
+
+        return init_from_config(args.init_from, **runtime)
     if args.config:
         return Llama4Config.from_json_file(args.config, **runtime)
     return preset(args.preset, **runtime)
@@ -797,6 +941,28 @@ def train_config_from_args(args: Any) -> TrainConfig:
         sample_tokens=args.sample_tokens,
         sample_prompt=args.prompt,
         sample_temperature=args.temperature,
+        task=args.task,
+        post=post_config_from_args(args),
+    )
+
+
+def post_config_from_args(args: Any) -> Any:
+    from l4jax.post.config import PostConfig
+
+    return PostConfig(
+        init_from=args.init_from,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        reward=args.reward,
+        num_generations=args.num_generations,
+        max_new_tokens=args.max_new_tokens,
+        epsilon=args.epsilon,
+        iterations=args.grpo_iterations,
+        routing_replay=args.routing_replay,
+        dynamic_filtering=not args.no_dynamic_filtering,
     )
 
 

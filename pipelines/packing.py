@@ -29,11 +29,25 @@ LLAMA4_VOCAB = 202048
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 plus three specials, with the encode/decode surface of
-    `l4jax.tokenizer.Tokenizer`; for small-vocab models (`tiny`, `demo`: vocab 512)."""
+    """UTF-8 bytes as ids 0..255 plus Llama 4's chat special tokens, with the encode/decode
+    surface of `l4jax.tokenizer.Tokenizer`; for small-vocab models (`tiny`, `demo`: vocab 512).
+
+    The specials carry Llama 4's names (`special_tokens`), so chats render in the Llama 4 chat
+    format (`pipelines.chat`) on these models too; `decode` drops them (bytes only).
+    """
 
     bos_id, eos_id, pad_id = 256, 257, 258
-    n_words = 259
+    header_start_id, header_end_id, eom_id, eot_id = 259, 260, 261, 262
+    n_words = 263
+    special_tokens = {
+        "<|begin_of_text|>": 256,
+        "<|end_of_text|>": 257,
+        "<|finetune_right_pad|>": 258,
+        "<|header_start|>": 259,
+        "<|header_end|>": 260,
+        "<|eom|>": 261,
+        "<|eot|>": 262,
+    }
 
     @property
     def vocab_size(self) -> int:
@@ -41,7 +55,7 @@ class ByteTokenizer:
 
     @property
     def stop_tokens(self) -> list[int]:
-        return [self.eos_id]
+        return [self.eos_id, self.eom_id, self.eot_id]
 
     def encode(self, s: str, *, bos: bool = False, eos: bool = False, **_: object) -> list[int]:
         ids = list(s.encode("utf-8"))
@@ -52,7 +66,7 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
-        return "ByteTokenizer(n_words=259)"
+        return f"ByteTokenizer(n_words={self.n_words})"
 
 
 def tokenizer_for(config: Llama4Config, path: str | None = None):
@@ -68,7 +82,7 @@ def tokenizer_for(config: Llama4Config, path: str | None = None):
         tokenizer = ByteTokenizer()
         log.warning(
             "vocab_size %d is smaller than the Llama 4 tokenizer's %d ids: using the byte-level "
-            "tokenizer (256 bytes + bos/eos/pad)",
+            "tokenizer (256 bytes + Llama 4's chat special tokens)",
             config.vocab_size,
             LLAMA4_VOCAB,
         )

@@ -44,6 +44,7 @@ FSDP: Rules = (
     ("mlp", "tensor"),
     ("router_experts", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters: every other axis as the weight they adapt
     # vision tower (l4jax.vision), Megatron-style like the text layers: attention heads and MLP
     # hidden on `tensor`, the hidden size on fsdp x expert. The adapter's fc1 takes `tensor` on
     # its output (`vision_adapter`), so its input (`vision_mlp`) falls back to fsdp x expert;

@@ -204,7 +204,23 @@ RUN: dict[str, Run] = {
 }
 
 # doc command -> test node(s) exercising the same code path
+POST_CLI = "tests/test_post.py::test_cli_sft_lora_merge_export_and_grpo_reward_file"
+POST_RESUME = "tests/test_post.py::test_kill_9_and_resume_is_bit_identical"
 COVERED: dict[str, str | tuple[str, ...]] = {
+    # docs/post_training.md
+    "l4jax train --task sft --preset demo --steps 200": (POST_CLI, POST_RESUME),
+    "l4jax train --task dpo --preset demo --steps 100 --beta 0.1": (
+        POST_RESUME,
+        "tests/test_post.py::test_dpo_starts_at_log2_and_learns_held_out_preferences",
+    ),
+    "l4jax train --task grpo --preset tiny --steps 40 --num-generations 8 --max-new-tokens 4": (
+        POST_CLI,
+        "tests/test_post.py::test_grpo_mean_reward_rises_on_the_reversal_task",
+    ),
+    "l4jax train --task sft --init-from runs/demo --data chats.jsonl --lora-rank 16": POST_CLI,
+    "l4jax merge-lora RUN DST": POST_CLI,
+    "l4jax generate --checkpoint DST": GENERATE_CLI,
+    "l4jax convert DST HF_DIR --to hf": POST_CLI,
     # README.md. Quickstart line 1: the install is line 2's (CI), `l4jax train` as below
     "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/l4jax train": (
         DEMO_DEFAULTS,
@@ -285,6 +301,9 @@ TOKENS = (
 
 # (doc file, first line of a ```python block) -> how it runs
 PYTHON: dict[tuple[str, str], Snippet] = {
+    ("docs/post_training.md", "def has_digit(prompts, completions, **fields):"): Snippet(
+        check="has_digit(['p', 'p'], ['a1', 'b'], answer=['x', 'y']) == [1.0, 0.0]"
+    ),
     ("README.md", "import jax.numpy as jnp"): Snippet(
         setup=TOKENS + "positions = jnp.asarray(np.tile(np.r_[0:20, 0:20], (2, 1)), jnp.int32)\n"
         "segment_ids = jnp.asarray(np.tile(np.repeat([1, 2], 20), (2, 1)), jnp.int32)\n"
