@@ -268,7 +268,8 @@ def test_lora_zero_adapters_give_the_base_logits_and_merged_gives_the_adapter_mo
     np.testing.assert_allclose(np.asarray(merged), with_adapters, rtol=1e-5, atol=1e-5)
     # per-expert adapters: one (A, B) per routed expert of each MoE layer
     moe = adapters["layers"]["layer_1"]["feed_forward"]
-    assert moe["gate_proj_a"].shape[:2] == (2, TINY.num_local_experts)
+    groups = TINY.num_hidden_layers // TINY.scan_period
+    assert moe["gate_proj_a"].shape[:2] == (groups, TINY.num_local_experts)
 
 
 def _lora_step(mesh_spec, steps=2):
@@ -316,7 +317,8 @@ def test_lora_trains_only_adapters_and_sharded_equals_unsharded():
     # 8 devices == 1 device
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # other reduction orders, through Adam's normalisation of tiny gradients: ~1e-5 abs
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=3e-5)
     # adapters shard with their weights: the expert axis of routed-expert adapters on `expert`
     a = state8.params["layers"]["layer_1"]["feed_forward"]["gate_proj_a"]
     w_spec = eight.param_shardings["layers"]["layer_1"]["feed_forward"]["gate_proj_a"].spec
@@ -379,7 +381,10 @@ def test_routing_replay_gives_the_rollout_log_probs_at_step_0():
     from l4jax.post import PostConfig
     from l4jax.post.objectives import token_logps
 
-    trainer = _grpo_trainer(PostConfig(num_generations=4, max_new_tokens=6, routing_replay=True))
+    post = PostConfig(
+        num_generations=4, max_new_tokens=6, routing_replay=True, dynamic_filtering=False
+    )  # a random model scores 0 everywhere: keep the groups filtering would drop
+    trainer = _grpo_trainer(post)
     state = trainer.init(0)
     it, _ = trainer.task.data()
     batch, host = trainer.task.prepare(state, next(it))
@@ -457,6 +462,8 @@ def test_cli_sft_lora_merge_export_and_grpo_reward_file(tmp_path, monkeypatch):
     _, base = load_params(tmp_path / "base")
     lora = LoraConfig(4, 16.0, ("attention", "experts"))
     shapes, _ = adapter_layout(model.config, lora)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)
     adapters = ocp.StandardCheckpointer().restore(tmp_path / "lora" / "3" / "params", shapes)
     tokens = jnp.asarray(np.arange(16).reshape(1, 16) + 60)
     want = model.apply(apply_variables(base, adapters, lora), tokens)
@@ -475,7 +482,9 @@ def test_cli_sft_lora_merge_export_and_grpo_reward_file(tmp_path, monkeypatch):
             "--num-generations", "4", "--max-new-tokens", "4", "--lora-rank", "2",
             "--checkpoint-dir", "grpo", *common]  # fmt: skip
     assert main(grpo) == 0
-    records = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().split()]
+    records = [
+        json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "reward_mean", "reward_std", "kl"} <= set(records[0])
     bad = [{"my_reward.py:short": "nowhere.py:f", "grpo": "bad"}.get(x, x) for x in grpo]
