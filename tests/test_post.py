@@ -302,6 +302,7 @@ def _lora_step(mesh_spec, steps=2):
     return trainer, first, base, state, metrics
 
 
+@pytest.mark.slow  # two train steps compiled (or generation + a train step)
 def test_lora_trains_only_adapters_and_sharded_equals_unsharded():
     from l4jax.model import param_logical_axes
 
@@ -377,6 +378,7 @@ def _grpo_trainer(post, steps=1, lr=3e-3, config=TINY, batch_size=32):
     return Trainer(config, tc, mesh, lambda mesh: make_task(config, tc, TOK, mesh, rows=rows))
 
 
+@pytest.mark.slow  # two train steps compiled (or generation + a train step)
 def test_routing_replay_gives_the_rollout_log_probs_at_step_0():
     from l4jax.post import PostConfig
     from l4jax.post.objectives import token_logps
