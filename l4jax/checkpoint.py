@@ -21,6 +21,7 @@ target shardings, so a checkpoint saved on one mesh restores onto any other (res
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +40,31 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 ITEMS = ("params", "opt_state", "meta", "data")
+LOCK_FILE = "train.lock"  # held (flock) by the process 0 of the run writing the directory
+
+
+def lock_run_dir(directory: str | os.PathLike) -> int | None:
+    """Hold `directory`'s lock file for this process (process 0 of a run; others get None), or
+    CheckpointError if another run holds it. The kernel drops the lock when the holder exits,
+    `kill -9` included, so a stale lock file never blocks a rerun."""
+    if jax.process_index() != 0:
+        return None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CheckpointError(
+            f"{directory}: in use by another l4jax train (pid {holder}, {path}); wait for it "
+            "or use another --checkpoint-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class TrainCheckpointer:
@@ -52,8 +78,10 @@ class TrainCheckpointer:
         config: Llama4Config | None = None,
     ):
         """`config`: when given, every finished step directory also gets `config.json`,
-        which makes it an l4jax checkpoint (`l4jax convert`, `restore_params`)."""
+        which makes it an l4jax checkpoint (`l4jax convert`, `restore_params`). The directory
+        is locked (`lock_run_dir`) until `close()`: a second run on it is refused."""
         self.directory = Path(directory).absolute()
+        self._lock = lock_run_dir(self.directory)
         self.config = config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -128,8 +156,13 @@ class TrainCheckpointer:
         self._stamp_config()
 
     def close(self) -> None:
-        self._stamp_config()
-        self.manager.close()
+        try:
+            self._stamp_config()
+            self.manager.close()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # (releases the flock)
+                self._lock = None
 
 
 # ---- run directory metadata ------------------------------------------------------------------

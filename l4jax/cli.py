@@ -7,7 +7,7 @@ import logging
 import sys
 
 from l4jax.config import PRESETS
-from l4jax.errors import CheckpointError, ConfigError, ImageError
+from l4jax.errors import CheckpointError, ConfigError, ImageError, InputError
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ImageError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ImageError, InputError, FileNotFoundError) as e:
         print(f"l4jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

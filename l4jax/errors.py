@@ -9,6 +9,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its config (names the file and tensor)."""
 
 
+class InputError(ValueError):
+    """Token ids, sequence lengths or data records a model cannot take (names the input)."""
+
+
 class ImageError(ValueError):
     """An image that cannot be read or used, or images that do not fit the prompt (names the
     file or input at fault)."""

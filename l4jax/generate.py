@@ -42,6 +42,7 @@ from l4jax.config import PRESETS, Llama4Config, preset
 from l4jax.convert import from_pretrained
 from l4jax.convert.load import open_checkpoint, source_config
 from l4jax.errors import ConfigError, ImageError
+from l4jax.inputs import check_positions, check_token_ids
 from l4jax.model import KV_CACHE_AXES, Llama4ForCausalLM, init_params
 from l4jax.moe import resolve_impl
 from l4jax.quantization import MODES, quantize_logged
@@ -201,14 +202,7 @@ def left_pad(
     for b, row in enumerate(rows):
         if row.ndim != 1 or row.size == 0:
             raise ValueError(f"generate: prompt {b} must be a non-empty 1-D id sequence")
-        if not np.issubdtype(row.dtype, np.integer):
-            raise ValueError(f"generate: prompt {b} has non-integer ids (dtype {row.dtype})")
-        bad = row[(row < 0) | (row >= vocab_size)]
-        if bad.size:
-            raise ValueError(
-                f"generate: prompt {b} has id {int(bad[0])} outside the model's vocabulary "
-                f"[0, {vocab_size})"
-            )
+        check_token_ids(row, vocab_size, f"generate: prompt {b}")
     lengths = np.array([len(r) for r in rows], np.int32)
     width = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
     tokens = np.full((len(rows), width), pad_id, np.int32)
@@ -489,6 +483,8 @@ def generate(
     config = model.config
     pad_id = default_pad_id(config) if pad_id is None else int(pad_id)
     tokens_bt, lengths_b = left_pad(prompt_ids, pad_id, config.vocab_size, pad_to_multiple_of)
+    total = int(lengths_b.max()) + max_new_tokens
+    check_positions(total, config.max_position_embeddings, "generate: prompt + max_new_tokens")
     loop = make_loop(
         model,
         tokens_bt.shape[0],

@@ -658,10 +658,13 @@ def train(
     from tqdm.auto import tqdm
 
     from l4jax.checkpoint import TrainCheckpointer, write_run_config
+    from l4jax.inputs import check_positions, check_tokenizer
     from pipelines import DataConfig, make_dataset, to_global_array, tokenizer_for
     from pipelines.sources import default_corpus, open_source
 
     tokenizer = tokenizer or tokenizer_for(config, tc.tokenizer)
+    check_tokenizer(tokenizer, config.vocab_size)
+    check_positions(tc.seq_len, config.max_position_embeddings, "--seq-len")
     if task is None and tc.task != "pretrain":
         from l4jax.post import make_task  # sft, dpo, grpo, LoRA
 
@@ -680,17 +683,19 @@ def train(
         if source is None:
             source = open_source(tc.data, tc.data_field) if tc.data else default_corpus()
         log.info("data: %r, tokenizer %r", source, tokenizer)
-        data_config = DataConfig(tc.seq_len, tc.batch_size, tc.seed, tc.data_workers)
+        data_config = DataConfig(
+            tc.seq_len, tc.batch_size, tc.seed, tc.data_workers, vocab_size=config.vocab_size
+        )
         iterator = iter(make_dataset(source, tokenizer, data_config))
     checkpointer = None
     start = 0
     if tc.checkpoint_dir:
-        write_run_config(tc.checkpoint_dir, config, dataclasses.asdict(tc))
         # config.json makes each step an l4jax checkpoint: only when it holds the full model
         full = trainer.task.model_params is None
-        checkpointer = TrainCheckpointer(
+        checkpointer = TrainCheckpointer(  # (first: it locks the directory)
             tc.checkpoint_dir, tc.keep, tc.async_checkpoint, config=config if full else None
         )
+        write_run_config(tc.checkpoint_dir, config, dataclasses.asdict(tc))
         latest = checkpointer.latest_step()
     else:
         latest = None

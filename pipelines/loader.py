@@ -37,6 +37,7 @@ class DataConfig:
     prefetch: int = 2  # batches read ahead in a background thread (0: none)
     bos: bool = True
     eos: bool = True
+    vocab_size: int | None = None  # token ids are checked against it
 
 
 def process_slice() -> tuple[int, int]:
@@ -61,7 +62,7 @@ def make_dataset(
         raise ConfigError(f"data: {len(source)} documents for {process_count} processes")
     docs = grain.MapDataset.source(source)[process_index::process_count]
     docs = docs.shuffle(seed=config.seed).repeat(None)
-    tokens = docs.map(Tokenize(tokenizer, config.bos, config.eos))
+    tokens = docs.map(Tokenize(tokenizer, config.bos, config.eos, config.vocab_size))
     it = tokens.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
     if config.workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's worker setup reads absl flags

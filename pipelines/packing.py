@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l4jax.config import Llama4Config
-from l4jax.errors import ConfigError
+from l4jax.inputs import check_token_ids, check_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +86,26 @@ def tokenizer_for(config: Llama4Config, path: str | None = None):
             config.vocab_size,
             LLAMA4_VOCAB,
         )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but the model's vocab_size "
-            f"is {config.vocab_size}"
-        )
+    check_tokenizer(tokenizer, config.vocab_size)
     return tokenizer
 
 
 class Tokenize(grain.transforms.Map):
     """document text -> {"tokens": int32 [n]} with bos/eos around each document."""
 
-    def __init__(self, tokenizer, bos: bool = True, eos: bool = True):
+    def __init__(
+        self, tokenizer, bos: bool = True, eos: bool = True, vocab_size: int | None = None
+    ):
         self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
+        self.vocab_size = vocab_size  # ids outside [0, vocab_size) raise (a checked entry point)
 
     def map(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text, bos=self.bos, eos=self.eos)
-        return {"tokens": np.asarray(ids, np.int32)}
+        ids = np.asarray(self.tokenizer.encode(text, bos=self.bos, eos=self.eos))
+        if self.vocab_size is not None:
+            check_token_ids(
+                ids, self.vocab_size, f"data: a document tokenized by {self.tokenizer!r}"
+            )
+        return {"tokens": ids.astype(np.int32)}
 
 
 def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

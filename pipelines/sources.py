@@ -74,36 +74,45 @@ class TextFileSource:
 
 
 class JsonlSource:
-    """Documents from JSON-lines files: `record[field]` of each non-empty line."""
+    """Documents from JSON-lines files: `record[field]` of each non-empty line.
+
+    Every line is parsed once when the source opens (before any training step compiles), so a
+    broken line is an error naming its file and line number up front; the index keeps byte
+    offsets only.
+    """
 
     def __init__(self, paths: Sequence[str | os.PathLike], field: str = "text"):
         self.paths = [str(p) for p in paths]
         self.field = field
-        self._lines: list[tuple[int, int]] = []  # (file index, byte offset)
+        self._lines: list[tuple[int, int, int]] = []  # (file index, byte offset, line number)
         for i, path in enumerate(self.paths):
             offset = 0
             with open(path, "rb") as f:
-                for line in f:
+                for number, line in enumerate(f, 1):
                     if line.strip():
-                        self._lines.append((i, offset))
+                        self._record(path, number, line)
+                        self._lines.append((i, offset, number))
                     offset += len(line)
+
+    def _record(self, path: str, number: int, line: bytes) -> str:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
+            raise ConfigError(f"{path}:{number}: no string field {self.field!r}")
+        return record[self.field]
 
     def __len__(self) -> int:
         return len(self._lines)
 
     def __getitem__(self, index: int) -> str:
-        file_index, offset = self._lines[index]
+        file_index, offset, number = self._lines[index]
         path = self.paths[file_index]
         with open(path, "rb") as f:
             f.seek(offset)
             line = f.readline()
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line at byte {offset} is not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
-            raise ConfigError(f"{path}: line at byte {offset} has no string field {self.field!r}")
-        return record[self.field]
+        return self._record(path, number, line)
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self.paths)} files, {len(self)} documents)"

@@ -221,14 +221,16 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "l4jax merge-lora RUN DST": POST_CLI,
     "l4jax generate --checkpoint DST": GENERATE_CLI,
     "l4jax convert DST HF_DIR --to hf": POST_CLI,
-    # README.md. Quickstart line 1: the install is line 2's (CI), `l4jax train` as below
+    # README.md. Quickstart line 1: CI runs it as written in a fresh venv (`.ci/run`, whose
+    # checks the first test runs), `l4jax train` as below
     "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/l4jax train": (
+        "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
         DEMO_DEFAULTS,
         TRAIN_CLI,
     ),
     'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest '
-    "-q -n 2 --dist loadfile": "tests/test_docs.py::test_ci_runs_the_readme_test_command",
-    ".ci/run": "tests/test_docs.py::test_ci_runs_the_readme_test_command",
+    "-q -n 2 --dist loadfile": "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
+    ".ci/run": "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
     'pip install -e ".[torch]"': EXTRAS,
     "l4jax convert SRC DST [--to l4jax|hf] [--dtype bfloat16|float32]": (
         CONVERT,
@@ -734,19 +736,52 @@ def test_doc_file_runs(file, inputs, tmp_path):
 # ---- the COVERED tests that live here ----------------------------------------------------------
 
 
-def test_ci_runs_the_readme_test_command():
-    """`.ci/run` evaluates exactly the second line of README's Quickstart block (with `eval`
-    replaced by a function that prints its argument)."""
-    line = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("```bash\n")[1]
-    line = line.splitlines()[1]
+# `eval` for `.ci/run` under test: prints its argument; for the Quickstart's first line it fakes
+# the fresh venv (this interpreter as its python, an `l4jax` that prints text) and a demo run
+# whose metrics.jsonl has losses FIRST..LAST
+FAKE_EVAL = r"""
+eval() {
+  printf "EVAL %s\n" "$*"
+  case "$*" in *"l4jax train"*)
+    mkdir -p .venv/bin runs/demo
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$PYTHON" > .venv/bin/python && chmod +x .venv/bin/python
+    printf '#!/bin/sh\necho generated text\n' > .venv/bin/l4jax && chmod +x .venv/bin/l4jax
+    "$PYTHON" -c "import json, numpy as np
+[print(json.dumps({'loss': float(x)})) for x in np.linspace($FIRST, $LAST, 150)]" \
+      > runs/demo/metrics.jsonl ;;
+  esac
+}
+export -f eval
+bash "$0"
+"""
+
+
+def test_ci_runs_both_readme_quickstart_lines():
+    """`.ci/run` evaluates the README Quickstart's two lines as written: the first in a fresh
+    copy of the tree, then checks the demo's loss, generates and preprocesses an image from
+    that venv; then the test line. A loss that did not fall as the README says fails it."""
+    block = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("```bash\n")[1]
+    main_line, test_line = block.splitlines()[:2]
     ci = str(ROOT / ".ci" / "run")  # run from another directory: it finds the README itself
-    result = subprocess.run(
-        ["bash", "-c", 'eval() { printf "EVAL %s\\n" "$*"; }; export -f eval; bash "$0"', ci],
-        capture_output=True, text=True, cwd="/",
-    )  # fmt: skip
+
+    def run(first: float, last: float) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHON": sys.executable, "FIRST": str(first), "LAST": str(last)}
+        return subprocess.run(
+            ["bash", "-c", FAKE_EVAL, ci], capture_output=True, text=True, cwd="/", env=env
+        )
+
+    result = run(6.5, 2.1)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"ci: {line}", f"EVAL {line}"]
-    assert "pytest" in line and '".[test]"' in line
+    out = result.stdout.splitlines()
+    assert out[:2] == [f"ci (fresh copy of the tree, no extras): {main_line}", f"EVAL {main_line}"]
+    assert "ci: demo loss 6.500 -> 2.100 over 150 steps" in out
+    assert "ci: l4jax generate --preset tiny: generated text" in out
+    assert any(line.startswith("ci: image tiles") for line in out), out
+    assert out[-2:] == [f"ci: {test_line}", f"EVAL {test_line}"]
+    assert "pytest" in test_line and '".[test]"' in test_line and "-e ." in main_line
+    failed = run(6.5, 3.5)  # the loss did not fall as the README says
+    assert failed.returncode != 0 and "EVAL" not in failed.stdout.splitlines()[-1]
+    assert "the README says 150 steps" in failed.stderr
 
 
 def test_pip_extras_named_in_the_docs_exist():

@@ -9,7 +9,7 @@ pieces) at a time, never the model: HF files are read with positioned reads of e
 bytes needed (nothing stays memory-mapped), Meta shards are re-mapped every REMAP_BYTES, and
 writes go straight to disk.
 
-DST is built under `DST.partial-XXXXXXXX` and renamed when complete; on any error (or
+DST is built under `DST.partial-PID-XXXXXXXX` and renamed when complete; on any error (or
 interrupt) the partial directory is removed. Its metadata and `config.json` are written last,
 so even a killed conversion leaves nothing that loads as a checkpoint.
 """
@@ -271,13 +271,14 @@ def transfer(
 
 @contextlib.contextmanager
 def atomic_directory(dst: Path) -> Iterator[Path]:
-    """A fresh `DST.partial-XXXXXXXX` directory, renamed to `dst` when the block completes
+    """A fresh `DST.partial-PID-XXXXXXXX` directory, renamed to `dst` when the block completes
     and removed if it raises (or is interrupted). `dst` must not exist."""
     dst = Path(dst)
     if dst.exists() or dst.is_symlink():
         raise CheckpointError(f"{dst}: already exists (converting never overwrites)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_partials(dst)
+    tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
@@ -289,6 +290,22 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     hostmem.fsync_path(dst.parent)
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Remove `DST.partial-PID-*` directories of conversions whose process is gone (killed with
+    `kill -9`, which no cleanup survives). (PIDs are this host's: convert writes locally.)"""
+    for partial in dst.parent.glob(f"{dst.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.warning("removing %s, left by a conversion that was killed", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass  # (alive, another user's)
 
 
 @dataclasses.dataclass(frozen=True)
