@@ -6,7 +6,7 @@ reports (`os.wait4`):
 
     copy                  the checkpoint's files copied (+ fsync): the I/O floor
     hf -> l4jax           `l4jax convert SRC DST` (streaming)
-    hf -> l4jax, naive    every tensor loaded (`load_params`), then one Orbax save
+    hf -> l4jax, naive    every tensor loaded (`read_params`), then one Orbax save
     l4jax -> hf           `l4jax convert DST HF --to hf` (streaming)
     l4jax -> hf, naive    every param restored, every HF tensor built, then safetensors save
     imports only          the child's fixed cost (Python, JAX, tensorstore imported)
@@ -123,7 +123,7 @@ def child(mode: str, src: str, dst: str) -> dict:
     if mode == "synth":
         return write_synthetic_hf(float(src), Path(dst))
     if mode != "copy":
-        import l4jax.convert.convert  # noqa: F401 (the fixed cost "imports only" shows)
+        import l4jax.convert.conversion  # noqa: F401 (the fixed cost "imports only" shows)
     start, cpu = time.perf_counter(), _cpu_seconds()
     run_task(mode, src, dst)
     return {"seconds": time.perf_counter() - start, "cpu": _cpu_seconds() - cpu}
@@ -142,11 +142,11 @@ def run_task(mode: str, src: str, dst: str) -> None:
             with open(Path(dst) / file.name, "rb+") as f:
                 os.fsync(f.fileno())
     elif mode == "stream_l4jax":
-        from l4jax.convert.convert import convert_checkpoint
+        from l4jax.convert.conversion import convert_checkpoint
 
         convert_checkpoint(src, dst, progress=False)
     elif mode == "stream_hf":
-        from l4jax.convert.convert import convert_checkpoint
+        from l4jax.convert.conversion import convert_checkpoint
 
         convert_checkpoint(src, dst, to="hf", progress=False)
     elif mode == "naive_l4jax":
@@ -161,12 +161,13 @@ def naive_hf_to_l4jax(src: Path, dst: Path) -> None:
     """What a load-everything converter does: the whole param tree in memory, then save."""
     import orbax.checkpoint as ocp
 
+    from l4jax.convert.formats import source_config
     from l4jax.convert.hf import HFCheckpoint
-    from l4jax.convert.load import load_params, source_config
+    from l4jax.convert.load import read_params
 
     source = HFCheckpoint(src)
     config = source_config(source, param_dtype="bfloat16", dtype="bfloat16")
-    params = load_params(source, config)
+    params = read_params(source, config)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(dst.absolute() / "params", params)
     checkpointer.wait_until_finished()

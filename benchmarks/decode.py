@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from l4jax.config import preset  # noqa: E402
 from l4jax.convert import from_pretrained  # noqa: E402
-from l4jax.generate import cache_bytes, decode, make_loop, prefill  # noqa: E402
+from l4jax.decoding import decode, make_loop, prefill  # noqa: E402
+from l4jax.kv_cache import cache_bytes  # noqa: E402
 from l4jax.torch_ref import build_hf_model  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from l4jax.config import preset  # noqa: E402
-from l4jax.generate import decode, make_loop, prefill  # noqa: E402
+from l4jax.decoding import decode, make_loop, prefill  # noqa: E402
 from l4jax.model import Llama4ForCausalLM, init_params  # noqa: E402
 from l4jax.quantization import MODES, nbytes, quantize  # noqa: E402
 

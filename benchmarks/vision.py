@@ -37,7 +37,8 @@ def main() -> None:
 
     from l4jax.convert.mapping import vision_entries
     from l4jax.torch_ref import rel_err
-    from l4jax.vision import Llama4VisionConfig, Llama4VisionModel
+    from l4jax.vision import Llama4VisionModel
+    from l4jax.vision_config import Llama4VisionConfig
 
     if args.full:
         vision = Llama4VisionConfig()

@@ -7,8 +7,8 @@ A run directory looks like
       train_config.json       the TrainConfig of the run (informational)
       <step>/config.json      (added once the step is complete) with <step>/params/, this makes
       <step>/params/          every step an l4jax checkpoint directory: Orbax PyTree checkpoint
-                              of the scanned param tree, read by `load_params(run_dir)`,
-                              `export_hf(run_dir, dst)` and `l4jax convert <step dir> ...`
+                              of the scanned param tree, read by `restore_run(run_dir)`,
+                              `export_run_hf(run_dir, dst)` and `l4jax convert <step dir> ...`
       <step>/opt_state/       Orbax PyTree checkpoint of the optax state
       <step>/meta/            JSON: {"step": ...}
       <step>/data/            Grain iterator state, one JSON file per process
@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from l4jax.config import Llama4Config
+from l4jax.convert.orbax import restore_params
 from l4jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -213,25 +214,23 @@ def step_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
     return directory / str(step)
 
 
-def load_params(
+def restore_run(
     directory: str | os.PathLike, step: int | None = None, shardings: Any = None, **runtime: Any
 ) -> tuple[Llama4Config, Any]:
     """(config, params) of a run's step (default: the latest) through the conversion code's
     `restore_params`: onto `shardings` (one sharding, or a tree like the params) or, by
     default, the first device."""
-    from l4jax.convert.orbax import restore_params
-
     return restore_params(step_dir(directory, step), shardings, **runtime)
 
 
-def export_hf(
+def export_run_hf(
     directory: str | os.PathLike, dst: str | os.PathLike, step: int | None = None
 ) -> Path:
     """Export a training run's step (default: latest) as a Hugging Face checkpoint directory,
     through the conversion code (`l4jax.convert.export.export_hf`)."""
     try:
-        from l4jax.convert.export import export_hf as _export
+        from l4jax.convert.export import export_hf
     except ImportError as e:
         raise CheckpointError(f"Hugging Face export is unavailable: {e}") from None
-    config, params = load_params(directory, step)
-    return _export(params, config, dst)
+    config, params = restore_run(directory, step)
+    return export_hf(params, config, dst)

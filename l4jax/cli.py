@@ -38,7 +38,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import signal
 
-    from l4jax.convert.convert import convert_checkpoint
+    from l4jax.convert.conversion import convert_checkpoint
 
     # a terminated conversion unwinds like Ctrl-C: its partial directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(run=run_cli)
 
-    from l4jax.generate import add_generation_arguments, run_chat_cli, run_generate_cli
+    from l4jax.generate_cli import add_generation_arguments, run_chat_cli, run_generate_cli
 
     p = sub.add_parser("generate", help="generate text (checkpoint or random preset), streaming")
     add_generation_arguments(p, chat=False)

@@ -19,7 +19,7 @@ import numpy as np
 from l4jax.errors import ConfigError, read_json_object
 
 # auto: pallas on TPU, else ragged_dot (l4jax.moe.resolve_impl); gather: decoding only
-MOE_IMPLS = ("auto", "ragged_dot", "pallas", "dense", "gather")
+MOE_IMPLS = ("auto", "ragged_dot", "pallas", "megablox", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -155,11 +155,7 @@ class Llama4Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **runtime: Any) -> Llama4Config:
-        hf = read_json_object(path)
-        try:
-            return cls.from_hf_dict(hf, **runtime)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return config_from_json_file(cls, path, **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `llama4_text` config.json dict transformers reads (both key styles for rope)."""
@@ -294,9 +290,19 @@ def preset(name: str, **overrides: Any) -> Llama4Config:
 # ---- validation ---------------------------------------------------------------------------
 
 
-def _require(ok: bool, field: str, message: str) -> None:
+def config_from_json_file(cls: Any, path: str | os.PathLike, **runtime: Any) -> Any:
+    """`cls.from_hf_dict` of the JSON object in `path`; a ConfigError names the file."""
+    hf = read_json_object(path)
+    try:
+        return cls.from_hf_dict(hf, **runtime)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def require(ok: bool, field: str, message: str, owner: str = "Llama4Config") -> None:
+    """Raise ConfigError naming `owner.field` unless `ok` (config validation)."""
     if not ok:
-        raise ConfigError(f"Llama4Config.{field}: {message}")
+        raise ConfigError(f"{owner}.{field}: {message}")
 
 
 def _validate(c: Llama4Config) -> None:
@@ -312,16 +318,16 @@ def _validate(c: Llama4Config) -> None:
         "num_experts_per_tok",
     ):
         value = getattr(c, name)
-        _require(
+        require(
             isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}"
         )
-    _require(
+    require(
         c.num_attention_heads % c.num_key_value_heads == 0,
         "num_key_value_heads",
         f"{c.num_key_value_heads} does not divide num_attention_heads={c.num_attention_heads}",
     )
-    _require(c.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {c.head_dim}")
-    _require(
+    require(c.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {c.head_dim}")
+    require(
         c.num_experts_per_tok <= c.num_local_experts,
         "num_experts_per_tok",
         f"{c.num_experts_per_tok} exceeds num_local_experts={c.num_local_experts}",
@@ -329,40 +335,40 @@ def _validate(c: Llama4Config) -> None:
     n = c.num_hidden_layers
     for name in ("rope_layers", "chunked_layers"):
         value = getattr(c, name)
-        _require(len(value) == n, name, f"has {len(value)} entries for {n} layers")
-    _require(
+        require(len(value) == n, name, f"has {len(value)} entries for {n} layers")
+    require(
         all(isinstance(i, int) and 0 <= i < n for i in c.moe_layers),
         "moe_layers",
         f"indices must lie in [0, {n}), got {list(c.moe_layers)}",
     )
-    _require(len(set(c.moe_layers)) == len(c.moe_layers), "moe_layers", "has duplicates")
+    require(len(set(c.moe_layers)) == len(c.moe_layers), "moe_layers", "has duplicates")
     if len(c.moe_layers) < n:
-        _require(
+        require(
             c.intermediate_size_mlp > 0,
             "intermediate_size_mlp",
             "dense layers exist, so it must be positive",
         )
     if any(c.chunked_layers):
-        _require(
+        require(
             c.attention_chunk_size is not None and c.attention_chunk_size > 0,
             "attention_chunk_size",
             f"chunked layers need a positive chunk size, got {c.attention_chunk_size!r}",
         )
-    _require(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
-    _require(c.floor_scale > 0, "floor_scale", f"must be positive, got {c.floor_scale}")
-    _require(c.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {c.rms_norm_eps}")
+    require(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
+    require(c.floor_scale > 0, "floor_scale", f"must be positive, got {c.floor_scale}")
+    require(c.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {c.rms_norm_eps}")
     if c.rope_scaling is not None:
         s = c.rope_scaling
-        _require(s.factor > 0, "rope_scaling.factor", f"must be positive, got {s.factor}")
-        _require(
+        require(s.factor > 0, "rope_scaling.factor", f"must be positive, got {s.factor}")
+        require(
             0 < s.low_freq_factor <= s.high_freq_factor,
             "rope_scaling",
             f"need 0 < low_freq_factor <= high_freq_factor, got {s}",
         )
-    _require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
-    _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
-    _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
-    _require(
+    require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
+    require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
+    require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
+    require(
         c.remat_policy in REMAT_POLICIES,
         "remat_policy",
         f"{c.remat_policy!r} is not one of {REMAT_POLICIES}",

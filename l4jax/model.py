@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax import moe
+from l4jax import expert_parallel, moe
 from l4jax.config import LayerKind, Llama4Config
 from l4jax.quantization import QArray, keep_quantized
 
 Array = jax.Array
 
-REMAT_POLICIES = {
+REMAT_POLICY_FNS = {  # config.REMAT_POLICIES names -> jax.checkpoint policies
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -51,7 +51,7 @@ def lora_delta(a: Array, b: Array, w_ndim: int) -> Array:
     return jnp.einsum(f"{bt}{i}r,{bt}r{o}->{bt}{i}{o}", a, b, preferred_element_type=jnp.float32)
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
     if module.has_variable("params", name):  # a quantized weight (`l4jax.quantize`) is used
         value = module.get_variable("params", name)  # as it is: Flax would check its shape
         if isinstance(value, QArray):  # against `shape`, and packed int4 halves one dim
@@ -67,7 +67,7 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return w
 
 
-def _fan_in_init(fan_in: int):
+def fan_in_init(fan_in: int):
     return nn.initializers.truncated_normal(stddev=fan_in**-0.5)
 
 
@@ -83,7 +83,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: Array) -> Array:
-        scale = _param(self, "scale", (x_btd.shape[-1],), ("norm",), nn.initializers.ones)
+        scale = param(self, "scale", (x_btd.shape[-1],), ("norm",), nn.initializers.ones)
         return rms_normalize(x_btd, self.config.rms_norm_eps) * scale.astype(x_btd.dtype)
 
 
@@ -144,7 +144,7 @@ def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts:
     return out.reshape(b, t, n, h)
 
 
-# ---- KV cache (l4jax.generate): one {"k", "v"} [B, S, K, H] pair per layer ------------------
+# ---- KV cache (l4jax.kv_cache): one {"k", "v"} [B, S, K, H] pair per layer ------------------
 # Index i (the i-th token of a left-padded row) lives in slot i % S. Full caches have S >= every
 # index; chunked layers only ever look back inside the current chunk, so S = attention_chunk_size
 # (a ring) suffices. The position of a cached key is recovered from the query's position.
@@ -221,13 +221,11 @@ class Attention(nn.Module):
         """
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        init = _fan_in_init(d)
-        wq = _param(self, "q_proj", (d, n, h), ("embed", "q_heads", "head_dim"), init)
-        wk = _param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
-        wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
-        wo = _param(
-            self, "o_proj", (n, h, d), ("q_heads", "head_dim", "embed"), _fan_in_init(n * h)
-        )
+        init = fan_in_init(d)
+        wq = param(self, "q_proj", (d, n, h), ("embed", "q_heads", "head_dim"), init)
+        wk = param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wv = param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+        wo = param(self, "o_proj", (n, h, d), ("q_heads", "head_dim", "embed"), fan_in_init(n * h))
         dtype = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dtype))
         k_ = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dtype))
@@ -264,9 +262,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, f = self.config.hidden_size, self.hidden
-        gate = _param(self, "gate_proj", (d, f), ("embed", "mlp"), _fan_in_init(d))
-        up = _param(self, "up_proj", (d, f), ("embed", "mlp"), _fan_in_init(d))
-        down = _param(self, "down_proj", (f, d), ("mlp", "embed"), _fan_in_init(f))
+        gate = param(self, "gate_proj", (d, f), ("embed", "mlp"), fan_in_init(d))
+        up = param(self, "up_proj", (d, f), ("embed", "mlp"), fan_in_init(d))
+        down = param(self, "down_proj", (f, d), ("mlp", "embed"), fan_in_init(f))
         return moe.swiglu_ffn(x, gate.astype(x.dtype), up.astype(x.dtype), down.astype(x.dtype))
 
 
@@ -294,11 +292,11 @@ class MoE(nn.Module):
         cfg = self.config
         d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
         dtype = x_btd.dtype
-        router = _param(self, "router", (d, e), ("embed", "router_experts"), _fan_in_init(d))
+        router = param(self, "router", (d, e), ("embed", "router_experts"), fan_in_init(d))
         weights = moe.ExpertWeights(
-            _param(self, "gate_proj", (e, d, f), ("expert", "embed", "mlp"), _fan_in_init(d)),
-            _param(self, "up_proj", (e, d, f), ("expert", "embed", "mlp"), _fan_in_init(d)),
-            _param(self, "down_proj", (e, f, d), ("expert", "mlp", "embed"), _fan_in_init(f)),
+            param(self, "gate_proj", (e, d, f), ("expert", "embed", "mlp"), fan_in_init(d)),
+            param(self, "up_proj", (e, d, f), ("expert", "embed", "mlp"), fan_in_init(d)),
+            param(self, "down_proj", (e, f, d), ("expert", "mlp", "embed"), fan_in_init(f)),
         )
         # quantized experts stay quantized: the grouped matmuls dequantize block by block
         weights = moe.ExpertWeights(*(keep_quantized(w, dtype) for w in weights))
@@ -313,7 +311,7 @@ class MoE(nn.Module):
                 cfg.moe_impl, x_td, routing.expert_ids_tk, routing.scores_tk, weights
             )
         else:
-            dispatch = moe.current_dispatch()  # one device, or expert-parallel on the mesh
+            dispatch = expert_parallel.current_dispatch()  # one device, or expert-parallel
             routed_td, routing = dispatch(
                 cfg.moe_impl, x_td, router.astype(dtype), cfg.num_experts_per_tok, weights
             )
@@ -392,7 +390,7 @@ def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
     """DecoderGroup, remat-wrapped by policy, scanned over num_hidden_layers // scan_period."""
     body = DecoderGroup
     if config.remat_policy != "none":
-        body = nn.remat(body, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+        body = nn.remat(body, policy=REMAT_POLICY_FNS[config.remat_policy], prevent_cse=False)
     return nn.scan(
         body,
         variable_axes={"params": 0, "intermediates": 0, "losses": 0, LORA: 0, "routing": 0},
@@ -409,7 +407,7 @@ class Llama4ForCausalLM(nn.Module):
     `positions` [B, T] (default 0..T-1) are absolute positions; `segment_ids` [B, T] (default
     all ones) separate packed sequences, which never attend to each other.
 
-    With a KV `cache` (`l4jax.generate.init_cache`) the call returns `(logits, cache)`: without
+    With a KV `cache` (`l4jax.kv_cache.init_cache`) the call returns `(logits, cache)`: without
     `cache_index` it is the prefill of a fresh cache (the block is stored from index 0), with
     `cache_index` [] int32 it is one decode step (T == 1) writing that index.
     """
@@ -435,9 +433,7 @@ class Llama4ForCausalLM(nn.Module):
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         d, v = cfg.hidden_size, cfg.vocab_size
-        embed = _param(
-            self, "embed_tokens", (v, d), ("vocab", "embed"), nn.initializers.normal(1.0)
-        )
+        embed = param(self, "embed_tokens", (v, d), ("vocab", "embed"), nn.initializers.normal(1.0))
         x = jnp.take(embed, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
         if merge_embeds is not None:  # e.g. image features replace <|patch|> embeddings
             x = merge_embeds(x)
@@ -450,7 +446,7 @@ class Llama4ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             head_dv = embed.T
         else:
-            head_dv = _param(self, "lm_head", (d, v), ("embed", "vocab"), _fan_in_init(d))
+            head_dv = param(self, "lm_head", (d, v), ("embed", "vocab"), fan_in_init(d))
         logits = jnp.einsum(
             "btd,dv->btv", x, head_dv.astype(x.dtype), preferred_element_type=jnp.float32
         )

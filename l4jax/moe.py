@@ -15,14 +15,17 @@ A backend computes the routed term `y_td` from `(x_td, expert_ids_tk, scores_tk,
   over row chunks of one expert each, work proportional to the routed rows).
 - `pallas`: the same dispatch with l4jax's own Pallas kernels: `gmm_swiglu` (gate and up
   projections and SiLU in one pass) and `gmm` (down projection).
+- `megablox`: the same dispatch on JAX's own grouped matmul,
+  `jax.experimental.pallas.ops.tpu.megablox` (gate and up as two calls; interpret mode off TPU),
+  for TPU users until l4jax's kernels are measured there (docs/moe.md: what ours adds).
 - `dense`: every expert on every token with a zero score for unselected ones, as the PyTorch
   references do. E times the work: an oracle for tests, never for real runs.
 - `gather`: each (token, expert) pair gathers its expert's weights; reads T*k experts instead
   of E. For decode steps (`l4jax.generate` uses it while batch * k < E), never for long inputs.
 
-Where the routed term runs is a `Dispatch`: `routed_experts` computes it on one device; the
-`sharding` package installs an expert-parallel dispatch (`set_mesh_dispatch`) that the MoE layer
-picks up from the ambient mesh (`current_dispatch`), so this module never imports `sharding`.
+Where the routed term runs is a `Dispatch`: `local_dispatch` computes it on one device;
+`l4jax.expert_parallel.current_dispatch` picks it or the expert-parallel one for the ambient
+mesh.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh
 
+from l4jax.errors import ConfigError
 from l4jax.quantization import QArray, as_dense
 
 Array = jax.Array
@@ -92,6 +95,13 @@ def swiglu_ffn(x, gate, up, down):
     return h @ down
 
 
+def local_expert_ids(expert_ids: Array, expert_offset: Array | int, num_local: int) -> Array:
+    """Expert ids counted from this device's first expert (`expert_offset`), `num_local` for
+    the experts held elsewhere (expert parallelism; all are local on one device)."""
+    local = expert_ids - expert_offset
+    return jnp.where((local >= 0) & (local < num_local), local, num_local)
+
+
 # ---- sort-based dropless dispatch ------------------------------------------------------------
 
 
@@ -118,8 +128,7 @@ def sorted_experts(
     """
     t, k = expert_ids_tk.shape
     num_local = w.gate_edf.shape[0]
-    local_m = expert_ids_tk.reshape(t * k) - expert_offset
-    key_m = jnp.where((local_m >= 0) & (local_m < num_local), local_m, num_local)
+    key_m = local_expert_ids(expert_ids_tk.reshape(t * k), expert_offset, num_local)
     order = jnp.argsort(key_m, stable=True)  # [T*k] pair index, sorted by expert
     group_sizes = jnp.bincount(key_m, length=num_local + 1)[:num_local].astype(jnp.int32)
     scores_m = scores_tk.reshape(t * k)[order].astype(x_td.dtype)
@@ -195,8 +204,34 @@ def _pallas_swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> A
     return gmm_swiglu(x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype)
 
 
+def _megablox_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """JAX's megablox grouped matmul with our semantics: any M, K, N (padded to its tiles here)
+    and zeros past `sum(group_sizes)`, also in the gradient (megablox leaves those rows
+    unwritten)."""
+    from jax.experimental.pallas.ops.tpu import megablox  # lazily, like our Pallas kernels
+
+    if isinstance(rhs, QArray):
+        raise ConfigError(
+            "moe_impl='megablox': JAX's megablox takes no quantized experts; use 'pallas' "
+            "(tiles dequantized in VMEM) or 'ragged_dot'"
+        )
+    (m, k), n = lhs.shape, rhs.shape[2]
+    tm, tk, tn = tiling = pallas_tiling(m, k, n, rhs.shape[0])
+    routed_m = jnp.arange(m) < jnp.sum(group_sizes)
+    # masked on the way in too: megablox's backward leaves the gradient of unrouted rows
+    # unwritten, and this `where`'s VJP drops it (a product would keep a NaN)
+    lhs = jnp.where(routed_m[:, None], lhs, 0)
+    lhs_p = jnp.pad(lhs, ((0, -m % tm), (0, -k % tk)))
+    rhs_p = jnp.pad(rhs, ((0, 0), (0, -k % tk), (0, -n % tn)))
+    interpret = jax.default_backend() != "tpu"
+    # positional: megablox's custom_vjp takes dtype, tiling, transpose_rhs, interpret by position
+    out = megablox.gmm(lhs_p, rhs_p, group_sizes, lhs.dtype, tiling, None, None, False, interpret)
+    return jnp.where(routed_m[:, None], out[:m, :n], 0)
+
+
 XLA_OPS = GroupedOps(xla_grouped_matmul, unfused_swiglu(xla_grouped_matmul))
 PALLAS_OPS = GroupedOps(_pallas_gmm, _pallas_swiglu)
+MEGABLOX_OPS = GroupedOps(_megablox_gmm, unfused_swiglu(_megablox_gmm))
 
 
 # ---- per-pair gather (decoding) ---------------------------------------------------------------
@@ -216,8 +251,8 @@ def gathered_experts(
     """
     t, k = expert_ids_tk.shape
     num_local = w.gate_edf.shape[0]
-    local_m = expert_ids_tk.reshape(t * k) - expert_offset
-    valid_m = (local_m >= 0) & (local_m < num_local)
+    local_m = local_expert_ids(expert_ids_tk.reshape(t * k), expert_offset, num_local)
+    valid_m = local_m < num_local
     local_m = jnp.where(valid_m, local_m, 0)
     scores_m = jnp.where(valid_m, scores_tk.reshape(t * k), 0).astype(x_td.dtype)
     x_md = jnp.repeat(x_td, k, axis=0) * scores_m[:, None]
@@ -242,8 +277,7 @@ def dense_experts(
     """Every expert on every token, unselected ones with score 0 (the PyTorch references)."""
     t = x_td.shape[0]
     num_local = w.gate_edf.shape[0]
-    local_tk = expert_ids_tk - expert_offset
-    local_tk = jnp.where((local_tk >= 0) & (local_tk < num_local), local_tk, num_local)
+    local_tk = local_expert_ids(expert_ids_tk, expert_offset, num_local)
     score_te = jnp.zeros((t, num_local), scores_tk.dtype)
     score_te = score_te.at[jnp.arange(t)[:, None], local_tk].add(scores_tk, mode="drop")
     x_etd = score_te.T.astype(x_td.dtype)[:, :, None] * x_td[None]
@@ -258,6 +292,7 @@ Backend = Callable[[Array, Array, Array, ExpertWeights, "Array | int"], Array]
 BACKENDS: dict[str, Backend] = {
     "ragged_dot": functools.partial(sorted_experts, ops=XLA_OPS),
     "pallas": functools.partial(sorted_experts, ops=PALLAS_OPS),
+    "megablox": functools.partial(sorted_experts, ops=MEGABLOX_OPS),
     "dense": dense_experts,
     "gather": gathered_experts,
 }
@@ -305,27 +340,3 @@ def local_dispatch(
     """Route, then the routed experts with backend `impl`, on this device."""
     routing = route(x_td, router_de, top_k)
     return routed_experts(impl, x_td, routing.expert_ids_tk, routing.scores_tk, w), routing
-
-
-MeshDispatch = Callable[[AbstractMesh], "Dispatch | None"]
-_mesh_dispatch: list[MeshDispatch] = []
-
-
-def set_mesh_dispatch(factory: MeshDispatch | None) -> None:
-    """Installs the function that picks a `Dispatch` for the ambient mesh (`jax.set_mesh`).
-
-    `sharding.expert` installs its shard_map dispatch when imported, so the core model never
-    imports `sharding`; `None` removes it.
-    """
-    _mesh_dispatch[:] = [] if factory is None else [factory]
-
-
-def current_dispatch() -> Dispatch:
-    """The dispatch for the ambient mesh: the installed mesh dispatch if it takes this mesh,
-    else `local_dispatch` (which XLA partitions as it can)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    for factory in _mesh_dispatch:
-        dispatch = None if mesh.empty else factory(mesh)
-        if dispatch is not None:
-            return dispatch
-    return local_dispatch

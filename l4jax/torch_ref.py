@@ -108,14 +108,14 @@ def load_meta_model(path: str | os.PathLike, max_seq_len: int, max_batch_size: i
     """
     from llama_models.checkpoint import convert_moe_weights, reshard_mp
 
-    from l4jax.convert.meta import META_TOKENIZER_WORDS, _load_shard, _read_params, _shard_files
+    from l4jax.convert.meta import META_TOKENIZER_WORDS, load_shard, read_meta_params, shard_files
     from l4jax.errors import CheckpointError
 
     path = Path(path)
-    params = _read_params(path)
+    params = read_meta_params(path)
     if params.get("vocab_size", -1) <= 0:  # as llama_models' generation.py: the tokenizer's size
         params = {**params, "vocab_size": META_TOKENIZER_WORDS}
-    shards = [_load_shard(f) for f in _shard_files(path)]
+    shards = [load_shard(f) for f in shard_files(path)]
     if len(shards) > 1:
         experts = (params.get("moe_args") or {}).get("num_experts")
         if experts:

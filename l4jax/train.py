@@ -500,8 +500,8 @@ def sample_text(
     temperature: float = 0.7,
     seed: int = 0,
 ) -> str:
-    """`prompt` and a sampled continuation (`l4jax.generate.generate`, KV-cached decoding)."""
-    from l4jax.generate import generate
+    """`prompt` and a sampled continuation (`l4jax.generate`, KV-cached decoding)."""
+    from l4jax.decoding import generate
 
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     stops = [i for i in getattr(tokenizer, "stop_tokens", []) if i < config.vocab_size]
@@ -805,7 +805,7 @@ def add_train_arguments(p: Any) -> None:
     model.add_argument("--config", help="a Hugging Face config.json (instead of --preset)")
     model.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     model.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master weights")
-    model.add_argument("--moe-impl", choices=("auto", "ragged_dot", "pallas", "dense"))
+    model.add_argument("--moe-impl", choices=("auto", "ragged_dot", "pallas", "megablox", "dense"))
     model.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialisation policy")
     data = p.add_argument_group("data")
     data.add_argument(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l4jax.config import preset
+from l4jax.convert.formats import open_streaming
 from l4jax.convert.load import from_pretrained
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,7 @@ def reference_name(path: str | Path) -> str:
 
 
 def checkpoint_format(path: str | Path) -> str:
-    from l4jax.convert.convert import open_source
-
-    source, name, _ = open_source(path)
+    source, name, _ = open_streaming(path)
     source.close()
     return name
 
@@ -89,7 +88,7 @@ def verify(path: str | Path, tokens: int = 128, batch: int = 1) -> list[Comparis
         prompt = fixed_prompt(vocab, batch, tokens)
         return compare_backends(path, prompt, meta_logits(model, prompt), ("ragged_dot",))
     if kind == "l4jax":
-        from l4jax.convert.convert import convert_checkpoint
+        from l4jax.convert.conversion import convert_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             log.info("exporting %s to Hugging Face for transformers", path)

@@ -1,6 +1,5 @@
-"""Meshes, logical-axis rules and expert parallelism for l4jax."""
+"""Meshes and logical-axis rules for l4jax (expert parallelism: `l4jax.expert_parallel`)."""
 
-from sharding.expert import ExpertParallel  # importing it installs the MoE mesh dispatch
 from sharding.mesh import MESH_AXES, make_mesh, parse_mesh_spec
 from sharding.rules import (
     STRATEGIES,
@@ -11,7 +10,6 @@ from sharding.rules import (
 )
 
 __all__ = [
-    "ExpertParallel",
     "MESH_AXES",
     "STRATEGIES",
     "batch_sharding",

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import l4jax
 from l4jax.cli import main
-from l4jax.convert.convert import convert_checkpoint
+from l4jax.convert.conversion import convert_checkpoint
 from l4jax.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"

@@ -17,11 +17,11 @@ import pytest
 from hf_reference import TOP2_LIKE, build_hf_model
 
 import l4jax
+from l4jax import generate
 from l4jax.checkpoint import lock_run_dir
 from l4jax.cli import main
-from l4jax.convert.convert import convert_checkpoint
+from l4jax.convert.conversion import convert_checkpoint
 from l4jax.errors import CheckpointError, ConfigError, InputError
-from l4jax.generate import generate
 from l4jax.train import TrainConfig, train
 from pipelines import ByteTokenizer, DataConfig, make_dataset
 from pipelines.sources import open_source

@@ -33,15 +33,17 @@ from safetensors.numpy import load_file, save_file
 import l4jax
 from l4jax.cli import main
 from l4jax.config import Llama4Config
-from l4jax.convert import convert as convert_mod
 from l4jax.convert import export as export_mod
 from l4jax.convert import hostmem
+from l4jax.convert import meta as meta_mod
 from l4jax.convert import orbax as orbax_mod
-from l4jax.convert.convert import convert_checkpoint, row_ranges
+from l4jax.convert import streaming as streaming_mod
+from l4jax.convert.conversion import convert_checkpoint
 from l4jax.convert.export import export_hf
-from l4jax.convert.load import open_checkpoint
+from l4jax.convert.formats import open_checkpoint
 from l4jax.convert.mapping import param_shapes
 from l4jax.convert.orbax import chunk_shape, restore_params
+from l4jax.convert.streaming import row_ranges
 from l4jax.errors import CheckpointError
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 40))  # [B, T]: past MAVERICK_LIKE's chunk
@@ -54,8 +56,8 @@ def small_pieces():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(orbax_mod, "CHUNK_BYTES", 4096)
         mp.setattr(orbax_mod, "MAX_PENDING_BYTES", 64 * 1024)
-        mp.setattr(convert_mod, "ROW_PIECE_BYTES", 100_000)  # 2 of 16 experts per piece
-        mp.setattr(convert_mod, "REMAP_BYTES", 200_000)
+        mp.setattr(streaming_mod, "ROW_PIECE_BYTES", 100_000)  # 2 of 16 experts per piece
+        mp.setattr(meta_mod, "REMAP_BYTES", 200_000)
         mp.setattr(export_mod, "STAGE_BYTES", 3 * 4096)  # direct writes of a few blocks
         mp.setattr(hostmem, "SMALL_BYTES", 0)  # every piece page-aligned: written directly
         yield
@@ -421,7 +423,7 @@ def test_damaged_l4jax_checkpoint(l4jax_fp32, tmp_path, capsys):
 
 @pytest.mark.parametrize("to", ["l4jax", "hf"])
 def test_interrupted_conversion_leaves_nothing_that_loads(small_hf, tmp_path, monkeypatch, to):
-    writer = orbax_mod.L4jaxWriter if to == "l4jax" else convert_mod.HFWriter
+    writer = orbax_mod.L4jaxWriter if to == "l4jax" else export_mod.HFWriter
     write, calls = writer.write, []
     out = tmp_path / "out"
 

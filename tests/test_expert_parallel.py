@@ -15,10 +15,11 @@ import pytest
 from hf_reference import MAVERICK_LIKE, SCOUT_LIKE, build_hf_model, hf_logits, rel_err
 
 import l4jax
-from l4jax import moe, preset
+from l4jax import expert_parallel, moe, preset
 from l4jax.errors import ConfigError
+from l4jax.expert_parallel import DEFAULT_RULES, ExpertParallel
 from l4jax.model import MoE, param_logical_axes
-from sharding import ExpertParallel, logical_rules, make_mesh, param_shardings
+from sharding import logical_rules, make_mesh, param_shardings
 from sharding.rules import named
 
 # 8 experts, top-2, F = 48 so that tensor=2 splits it
@@ -52,7 +53,7 @@ def _sharded(mesh_spec, layer, x_btd, config=CONFIG):
     module = MoE(config)
     mesh = make_mesh(mesh_spec)
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
-        assert isinstance(moe.current_dispatch(), ExpertParallel)
+        assert isinstance(expert_parallel.current_dispatch(), ExpertParallel)
         params = jax.device_put(params, param_shardings(specs, mesh))
         x_btd = jax.device_put(x_btd, named(mesh, ("activation_batch", None, None)))
         return _loss_and_grads(module, params, x_btd)
@@ -124,10 +125,23 @@ def test_experts_must_split_evenly():
         jax.eval_shape(module.init, jax.random.key(0), X_BTD)
 
 
+def test_default_rules_are_the_sharding_rules_for_the_moe_axes():
+    """Without active logical-axis rules the dispatch gives the mesh axes the roles that
+    `sharding.rules.logical_rules()` gives them (for the axes it reads)."""
+    mesh = make_mesh("data=2,expert=2,tensor=2")
+    assert ExpertParallel.from_rules(mesh) == ExpertParallel.from_rules(mesh, logical_rules())
+    mesh = make_mesh("fsdp=2,expert=2,sequence=2")
+    assert ExpertParallel.from_rules(mesh) == ExpertParallel.from_rules(mesh, logical_rules())
+    for name, _ in DEFAULT_RULES:
+        assert nn.logical_to_mesh_axes((name,), DEFAULT_RULES) == nn.logical_to_mesh_axes(
+            (name,), logical_rules()
+        ), name
+
+
 def test_no_mesh_means_single_device_dispatch():
-    assert moe.current_dispatch() is moe.local_dispatch
+    assert expert_parallel.current_dispatch() is moe.local_dispatch
     with jax.set_mesh(make_mesh("fsdp=1", devices=jax.devices()[:1])):
-        assert moe.current_dispatch() is moe.local_dispatch
+        assert expert_parallel.current_dispatch() is moe.local_dispatch
 
 
 # ---- whole model, sharded, against transformers ------------------------------------------------
@@ -165,7 +179,7 @@ def test_dispatch_choice_is_part_of_the_jit_cache_key():
 
     @jax.jit
     def f(x):
-        seen.append(type(moe.current_dispatch()))
+        seen.append(type(expert_parallel.current_dispatch()))
         return x + 1
 
     f(jnp.ones(8))

@@ -22,19 +22,9 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import l4jax
 from l4jax import cli, moe, preset
-from l4jax.generate import (
-    Sampling,
-    cache_bytes,
-    cache_lengths,
-    cache_logical_axes,
-    decode_moe_backend,
-    default_stop_ids,
-    init_cache,
-    make_loop,
-    prefill,
-    sample,
-    tree_bytes,
-)
+from l4jax.decoding import decode_moe_backend, default_stop_ids, make_loop, prefill
+from l4jax.kv_cache import cache_bytes, cache_lengths, cache_logical_axes, init_cache, tree_bytes
+from l4jax.sampling import Sampling, sample
 
 LENGTHS = (40, 23, 9)
 NEW = 64
@@ -243,8 +233,7 @@ def test_cache_shards_by_logical_axes(tiny):
 
 
 def test_cli_generate_chat_and_errors(tmp_path, capsys, monkeypatch):
-    # (`l4jax.generate` is the function; the module is importlib's)
-    monkeypatch.setattr(importlib.import_module("l4jax.generate"), "init_params", random_params)
+    monkeypatch.setattr(importlib.import_module("l4jax.generate_cli"), "init_params", random_params)
     args = ["--preset", "tiny", "--max-new-tokens", "3", "--temperature", "0"]
     assert cli.main(["generate", "--prompt", "Hello", *args]) == 0
     assert capsys.readouterr().out.strip()

@@ -97,6 +97,39 @@ def test_gmm_forward_bf16() -> None:
     _close(out32, _ref_gmm(x, w, gs), 1e-5)
 
 
+def test_gmm_matches_megablox() -> None:
+    """Ours and JAX's megablox kernel (both in interpret mode) on the same inputs and tiles:
+    the same routed rows and the same gradients (megablox leaves rows past the groups unwritten,
+    ours writes zeros there; `moe_impl="megablox"` masks them)."""
+    from jax.experimental.pallas.ops.tpu import megablox
+
+    case = CASES["uneven"]  # empty groups, rows past the groups, nothing divisible
+    x, w, gs, cot = _inputs(case, jnp.float32)
+    tm, tk, tn = case.tiling
+    x_p = jnp.pad(x, ((0, -case.m % tm), (0, -case.k % tk)))  # megablox needs whole tiles
+    w_p = jnp.pad(w, ((0, 0), (0, -case.k % tk), (0, -case.n % tn)))
+    routed = int(np.sum(case.group_sizes))
+
+    def theirs(a, b, g):  # rows past the groups: unwritten by megablox (also in the backward)
+        routed_m = (jnp.arange(a.shape[0]) < routed)[:, None]
+        out = megablox.gmm(
+            jnp.where(routed_m, a, 0), b, g, jnp.float32, case.tiling, None, None, False, True
+        )
+        return jnp.where(routed_m, out, 0)
+
+    ours_out = gmm(x, w, gs, tiling=case.tiling)
+    their_out = theirs(x_p, w_p, gs)[: case.m, : case.n]
+    np.testing.assert_allclose(ours_out, their_out, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(ours_out[:routed]))) > 0
+    cot_p = jnp.pad(cot, ((0, x_p.shape[0] - case.m), (0, w_p.shape[2] - case.n)))
+    ours_dx, ours_dw = jax.grad(
+        _loss(lambda a, b, g: gmm(a, b, g, tiling=case.tiling), cot), (0, 1)
+    )(x, w, gs)
+    their_dx, their_dw = jax.grad(_loss(theirs, cot_p), (0, 1))(x_p, w_p, gs)
+    np.testing.assert_allclose(ours_dx, their_dx[: case.m, : case.k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours_dw, their_dw[:, : case.k, : case.n], rtol=1e-5, atol=1e-5)
+
+
 def test_gmm_runs_the_pallas_kernel() -> None:
     x, w, gs, _ = _inputs(CASES["full"], jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda a, b: gmm(a, b, gs, tiling=SMALL))(x, w))

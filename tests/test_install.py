@@ -52,7 +52,7 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path):
     """tqdm's `loading: 0%|` lines used to land in logs and in every captured stderr."""
     code = (
         "import l4jax, numpy as np\n"
-        "from l4jax.convert.convert import convert_checkpoint\n"
+        "from l4jax.convert.conversion import convert_checkpoint\n"
         "from l4jax.convert.export import export_hf\n"
         "from l4jax.convert.mapping import param_shapes, set_path\n"
         "config, params = l4jax.preset('tiny'), {}\n"

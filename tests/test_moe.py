@@ -132,10 +132,10 @@ def _moe_inputs(t=40, d=16, f=24, e=8, k=2, seed=0):
     return x, routing, w
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "dense", "pallas"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "dense", "pallas", "megablox"])
 def test_expert_shards_sum_to_all_experts(impl):
     """Each shard computes only the pairs routed to its experts; the shards add up."""
-    x, r, w = _moe_inputs(t=24 if impl == "pallas" else 40)
+    x, r, w = _moe_inputs(t=24 if impl in ("pallas", "megablox") else 40)
     routed = jax.jit(moe.routed_experts, static_argnums=0)
     want = routed("dense", x, r.expert_ids_tk, r.scores_tk, w)
     parts = []

@@ -12,7 +12,7 @@ import pytest
 from test_train import ROOT, read_losses, subprocess_env, wait_for_step_then_kill
 
 from l4jax import preset
-from l4jax.checkpoint import load_params
+from l4jax.checkpoint import restore_run
 
 STEPS = 12
 
@@ -71,7 +71,7 @@ def test_two_processes_train_checkpoint_kill_and_resume(tmp_path):
 
     want, got = read_losses(full / "metrics.jsonl"), read_losses(killed / "metrics.jsonl")
     assert sorted(got) == list(range(1, STEPS + 1)) and got == want
-    _, want_params = load_params(full)
-    _, got_params = load_params(killed)
+    _, want_params = restore_run(full)
+    _, got_params = restore_run(killed)
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
         np.testing.assert_array_equal(a, b)

@@ -458,10 +458,10 @@ def test_cli_sft_lora_merge_export_and_grpo_reward_file(tmp_path, monkeypatch):
     # the merged checkpoint is the adapter model: base + the run's adapters
     import orbax.checkpoint as ocp
 
-    from l4jax.checkpoint import load_params
+    from l4jax.checkpoint import restore_run
     from l4jax.post.lora import adapter_layout
 
-    _, base = load_params(tmp_path / "base")
+    _, base = restore_run(tmp_path / "base")
     lora = LoraConfig(4, 16.0, ("attention", "experts"))
     shapes, _ = adapter_layout(model.config, lora)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -510,7 +510,7 @@ def _post_cmd(run_dir, steps, task):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 def test_kill_9_and_resume_is_bit_identical(tmp_path, task):
-    from l4jax.checkpoint import load_params
+    from l4jax.checkpoint import restore_run
 
     env = subprocess_env(tmp_path)
     steps = 12
@@ -533,7 +533,7 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path, task):
     assert got == want  # exact float equality, every step
     if task == "dpo":
         assert want[1] == pytest.approx(math.log(2), abs=1e-6)
-    _, want_params = load_params(full)
-    _, got_params = load_params(killed)
+    _, want_params = restore_run(full)
+    _, got_params = restore_run(killed)
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
         np.testing.assert_array_equal(a, b)

@@ -33,11 +33,11 @@ from transformers.models import llama4
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
 from l4jax.errors import ConfigError
+from l4jax.image_prompts import attach_images
 from l4jax.preprocess import (
     PIXEL_DTYPES,
     ImageError,
     ImageProcessor,
-    attach_images,
     best_canvas,
     image_token_ids,
     load_image,
@@ -47,7 +47,7 @@ from l4jax.preprocess import (
     supported_canvases,
 )
 from l4jax.tokenizer import Message, Tokenizer
-from l4jax.vision import vision_preset
+from l4jax.vision_config import vision_preset
 
 SCOUT = vision_preset("scout")
 # (height, width): tiny, exact tile, landscape, portrait, extreme strips, large, odd sizes

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import l4jax
-from l4jax import moe, preset
+from l4jax import preset
 from l4jax.kernels import qgmm, qgmm_swiglu
 from l4jax.kernels.chunked_gmm import chunked_gmm
 from l4jax.kernels.quantized import quantized_ragged_dot
@@ -260,7 +260,8 @@ def test_int4_coverage_on_real_configs(name):
 
 @pytest.mark.parametrize("mesh_spec", ["data=4,expert=2", "data=2,expert=4"])
 def test_expert_parallel_int4_forward_matches_single_device(params, mesh_spec):
-    from sharding import ExpertParallel, logical_rules, make_mesh, param_shardings
+    from l4jax.expert_parallel import ExpertParallel, current_dispatch
+    from sharding import logical_rules, make_mesh, param_shardings
 
     config = CONFIG.replace(num_local_experts=8)
     q = l4jax.quantize(params, config, "int4")
@@ -268,7 +269,7 @@ def test_expert_parallel_int4_forward_matches_single_device(params, mesh_spec):
     mesh = make_mesh(mesh_spec)
     specs = logical_axes(param_logical_axes(config), q)
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
-        assert isinstance(moe.current_dispatch(), ExpertParallel)
+        assert isinstance(current_dispatch(), ExpertParallel)
         q_sharded = jax.device_put(q, param_shardings(specs, mesh))
         routed = q_sharded["layers"]["layer_1"]["feed_forward"]["gate_proj"]
         # scales shard with their values (the one K group of this tiny model: unsplit)

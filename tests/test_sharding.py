@@ -13,9 +13,10 @@ from l4jax import preset
 from l4jax.errors import ConfigError
 from l4jax.model import param_logical_axes
 from l4jax.train import TrainConfig, Trainer
-from l4jax.vision import Llama4ForConditionalGeneration, Llama4MultimodalConfig, vision_preset
+from l4jax.vision import Llama4ForConditionalGeneration
 from l4jax.vision import init_params as init_multimodal
 from l4jax.vision import param_logical_axes as multimodal_logical_axes
+from l4jax.vision_config import Llama4MultimodalConfig, vision_preset
 from sharding import make_mesh, parse_mesh_spec
 from sharding.rules import batch_sharding, mesh_context, shard_params, spec_for
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from l4jax import from_pretrained, preset
-from l4jax.checkpoint import TrainCheckpointer, export_hf, load_params, write_run_config
+from l4jax.checkpoint import TrainCheckpointer, export_run_hf, restore_run, write_run_config
 from l4jax.errors import ConfigError
 from l4jax.train import TrainConfig, Trainer, flops_per_token, train
 from pipelines import ByteTokenizer
@@ -91,12 +91,12 @@ def test_loss_falls_and_checkpoints_are_written(tmp_path):
     assert len(record["router_load"]) == TINY.num_local_experts
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     # the saved params are an l4jax param tree: load them back onto one device
-    config, params = load_params(tmp_path / "run")
+    config, params = restore_run(tmp_path / "run")
     assert config.to_hf_dict() == TINY.to_hf_dict()
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(result.state.params)):
         np.testing.assert_array_equal(got, np.asarray(want))
     # ... and exported through the conversion code to a Hugging Face checkpoint
-    export_hf(tmp_path / "run", tmp_path / "hf")
+    export_run_hf(tmp_path / "run", tmp_path / "hf")
     _, hf_params = from_pretrained(tmp_path / "hf")
     for got, want in zip(jax.tree.leaves(hf_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -126,8 +126,8 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     want, got = read_losses(full / "metrics.jsonl"), read_losses(killed / "metrics.jsonl")
     assert sorted(got) == list(range(1, steps + 1))
     assert got == want  # exact float equality, every step
-    _, want_params = load_params(full)
-    _, got_params = load_params(killed)
+    _, want_params = restore_run(full)
+    _, got_params = restore_run(killed)
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
         np.testing.assert_array_equal(a, b)
 

@@ -36,16 +36,14 @@ from l4jax.preprocess import image_token_ids, preprocess_image
 from l4jax.torch_ref import meta_logits, rel_err
 from l4jax.vision import (
     Llama4ForConditionalGeneration,
-    Llama4MultimodalConfig,
-    Llama4VisionConfig,
     Llama4VisionModel,
     image_merger,
     init_params,
     param_logical_axes,
     pixel_shuffle,
-    vision_preset,
     vision_rope_angles,
 )
+from l4jax.vision_config import Llama4MultimodalConfig, Llama4VisionConfig, vision_preset
 
 FP32_TOL = 1e-4
 PATCH = 250  # image_token_index of the tiny models (vocab 256)
@@ -497,8 +495,9 @@ def test_generate_cli_with_image(
     """`l4jax generate --image` streams what `generate` gives, whose prefill (text model + image
     embeddings merged at the patches) has the multimodal model's logits."""
     from l4jax.cli import main
-    from l4jax.generate import generate
-    from l4jax.preprocess import ImageProcessor, image_generation_inputs
+    from l4jax.decoding import generate
+    from l4jax.image_prompts import image_generation_inputs
+    from l4jax.preprocess import ImageProcessor
     from l4jax.tokenizer import Tokenizer
 
     ckpt, image, _ = cli_checkpoint
@@ -537,7 +536,7 @@ def test_cli_pixel_dtype_reaches_the_image_processor(
     """`--pixel-dtype bfloat16` gives the model HF's bfloat16-rounded pixels (default float32)."""
     import ml_dtypes
 
-    import l4jax.preprocess
+    import l4jax.image_prompts
     from l4jax.cli import main
 
     ckpt, image, _ = cli_checkpoint
@@ -550,7 +549,7 @@ def test_cli_pixel_dtype_reaches_the_image_processor(
         seen.append(pixel_values)
         raise Encoded  # (no generation: the pixels are what this test is about)
 
-    monkeypatch.setattr(l4jax.preprocess, "image_generation_model", spy)
+    monkeypatch.setattr(l4jax.image_prompts, "image_generation_model", spy)
     args = [command, "--checkpoint", str(ckpt), "--image", str(image)]
     args += ["--prompt", "Describe:"] if command == "generate" else []
     for extra in ([], ["--pixel-dtype", "bfloat16"]):
@@ -568,7 +567,7 @@ def reference_chat(ckpt: Path, system: str, user_turns: list[Any]) -> tuple[str,
     """What `l4jax chat --max-new-tokens 2 --temperature 0` prints for these user turns (their
     content holding images), from the multimodal model: each turn's whole dialog encoded,
     its images embedded, greedy. Returns (stdout, image patch tokens per turn)."""
-    from l4jax.generate import generate
+    from l4jax.decoding import generate
     from l4jax.preprocess import ImageProcessor
     from l4jax.tokenizer import Message, Tokenizer
     from l4jax.vision import text_model_with_images
@@ -605,7 +604,7 @@ def test_chat_image_command_adds_images_mid_dialog(
     its text); the earlier turns keep theirs. A bad `/image` or a placeholder mismatch skips
     that line with a one-line error, the chat goes on, and the exit code is 2."""
     from l4jax.cli import main
-    from l4jax.generate import chat_loop
+    from l4jax.generate_cli import chat_loop
     from l4jax.tokenizer import Message, Tokenizer
 
     ckpt, wide, small = cli_checkpoint

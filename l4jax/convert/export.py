@@ -25,8 +25,9 @@ import numpy as np
 from l4jax.convert import hostmem
 from l4jax.convert.hf import INDEX_FILE
 from l4jax.convert.mapping import Entry, get_path, model_entries, param_shapes
-from l4jax.convert.multimodal import with_runtime
+from l4jax.convert.streaming import atomic_directory, transfer
 from l4jax.errors import CheckpointError
+from l4jax.vision_config import with_runtime
 
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 STAGE_BYTES = 16 * 2**20  # direct writes of this many bytes (a multiple of hostmem.ALIGN)
@@ -294,8 +295,6 @@ def export_hf(
     `dtype`: stored dtype (default: the params' own). Written under a temporary name and
     renamed when complete; `dst` must not exist. Returns `dst`.
     """
-    from l4jax.convert.convert import atomic_directory, transfer  # (convert imports this module)
-
     source = ParamsSource(params, config)
     entries = model_entries(config)
     target = np.dtype(dtype) if dtype is not None else source.dtype(entries[0].hf_key)

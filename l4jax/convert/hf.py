@@ -2,24 +2,29 @@
 
 `HFCheckpoint` reads one tensor at a time (safetensors memory-maps the files), under the
 text model's names: the `language_model.` prefix of multimodal checkpoints is stripped and the
-vision tower's tensors are set aside in `unused_keys()`.
+vision tower's tensors are set aside in `unused_keys()`. `HFMultimodalCheckpoint` reads every
+tensor under its stored name; `StreamingHF` reads either with positioned reads, for streaming
+conversion.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from l4jax.config import Llama4Config
+from l4jax.convert import hostmem
+from l4jax.convert.mapping import TEXT_PREFIX
 from l4jax.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
-TEXT_PREFIX = "language_model."
 NON_TEXT_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
@@ -174,3 +179,87 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class HFMultimodalCheckpoint(HFCheckpoint):
+    """A HF multimodal checkpoint read under its stored names, vision tensors included."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._where = {key: (file, key) for file, keys in self._files.items() for key in keys}
+        self._unused = []
+
+
+_SAFETENSORS_NUMPY = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
+
+
+class StreamingHF:
+    """`HFCheckpoint`'s tensors read with positioned reads (`os.preadv`) into fresh arrays.
+
+    safetensors' own reader memory-maps each file (every page a read touches stays in RSS while
+    the handle is open) and slices element-wise. A safetensors tensor is one C-ordered byte
+    range and its leading rows a contiguous part of it, so reading exactly those bytes keeps
+    host memory at what was asked for, at page-cache speed. (Files were validated by
+    `HFCheckpoint` through safetensors when the source was checked.)
+    """
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self._ckpt = ckpt
+        self.path = ckpt.path
+        self.hf_config, self.keys, self.unused_keys = ckpt.hf_config, ckpt.keys, ckpt.unused_keys
+        self.location, self.shape, self.unaccounted = ckpt.location, ckpt.shape, ckpt.unaccounted
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._info(key)[2]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._read(key, None)
+
+    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._read(key, (start, stop))
+
+    def _read(self, key: str, rows: tuple[int, int] | None) -> np.ndarray:
+        file, offset, dtype, shape = self._info(key)
+        if rows is not None:
+            offset += rows[0] * math.prod(shape[1:]) * dtype.itemsize
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = hostmem.empty(shape, dtype)
+        try:
+            hostmem.pread(file, out, offset)
+        except OSError as e:
+            raise CheckpointError(f"{file}: tensor {key!r} unreadable ({e})") from None
+        return out
+
+    def _info(self, key: str) -> tuple[str, int, np.dtype, tuple[int, ...]]:
+        """(file, byte offset of the tensor in it, dtype, shape)."""
+        file = self.location(key)
+        data_start, header = self._header(file)
+        info = header.get(key) or header.get(TEXT_PREFIX + key)
+        if info is None or info.get("dtype") not in _SAFETENSORS_NUMPY:
+            what = "missing" if info is None else f"of dtype {info.get('dtype')}"
+            raise CheckpointError(f"{file}: tensor {key!r} {what}")
+        return (
+            file,
+            data_start + info["data_offsets"][0],
+            _SAFETENSORS_NUMPY[info["dtype"]],
+            tuple(info["shape"]),
+        )
+
+    def _header(self, file: str) -> tuple[int, dict[str, Any]]:
+        if file not in self._headers:
+            try:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    self._headers[file] = (8 + size, json.loads(f.read(size)))
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from None
+        return self._headers[file]
+
+    def close(self) -> None:
+        self._ckpt.close()

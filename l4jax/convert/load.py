@@ -1,11 +1,15 @@
-"""`from_pretrained`: a checkpoint directory in, `(model, params)` out."""
+"""`from_pretrained`: a checkpoint directory in, `(model, params)` out.
+
+The format is detected once (`formats.detect_format`); an l4jax checkpoint is restored with
+Orbax (`restore_params`), a Hugging Face or Meta one is read tensor by tensor through the
+mapping table into the scanned param tree, with its vision tower when it is multimodal.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from l4jax.config import Llama4Config
-from l4jax.convert.hf import HFCheckpoint, is_hf_dir
+from l4jax.convert.formats import detect_format, open_checkpoint, source_config
 from l4jax.convert.mapping import (
     Entry,
     TensorSource,
@@ -22,44 +26,21 @@ from l4jax.convert.mapping import (
     entry_shapes,
     hf_entries,
     iter_slices,
+    multimodal_entries,
     set_path,
 )
-from l4jax.convert.orbax import L4jaxCheckpoint, is_l4jax_dir, restore_params
-from l4jax.errors import CheckpointError, ConfigError
+from l4jax.convert.orbax import restore_params
+from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM
 from l4jax.quantization import MODES, host_buffer, write_slice
 from l4jax.quantization import quantize as quantize_params
+from l4jax.vision import Llama4ForConditionalGeneration
+from l4jax.vision_config import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
 
-def open_checkpoint(path: str | os.PathLike) -> TensorSource:
-    """Detect the format of `path` and open it as a tensor source (HF names and layouts)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if is_l4jax_dir(p):
-        return L4jaxCheckpoint(p)
-    if is_hf_dir(p):
-        return HFCheckpoint(p)
-    if (p / "params.json").is_file():
-        from l4jax.convert.meta import MetaCheckpoint
-
-        return MetaCheckpoint(p)
-    raise CheckpointError(
-        f"{p}: unknown checkpoint format (expected config.json + *.safetensors from Hugging Face, "
-        "or params.json + consolidated.NN.pth from Meta, or config.json + params/ from l4jax)"
-    )
-
-
-def source_config(source: Any, **runtime: Any) -> Llama4Config:
-    try:
-        return Llama4Config.from_hf_dict(source.hf_config(), **runtime)
-    except ValueError as e:
-        raise CheckpointError(f"{getattr(source, 'path', '')}: {e}") from None
-
-
-def load_params(
+def read_params(
     source: TensorSource, config: Llama4Config, dtype: Any = None, quantize: str | None = None
 ) -> dict[str, Any]:
     """Read every tensor once into the scanned l4jax param tree (host RAM, then device);
@@ -116,7 +97,7 @@ def from_pretrained(
     quantize: str | None = None,
     **runtime: Any,
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a Hugging Face or Meta Llama 4 checkpoint as `(model, params)`.
+    """Load a Hugging Face, Meta or l4jax Llama 4 checkpoint as `(model, params)`.
 
     `dtype` sets the stored param dtype and the compute dtype (default: the checkpoint's
     `torch_dtype`, else float32); other `Llama4Config` runtime fields (e.g. `moe_impl`,
@@ -129,33 +110,35 @@ def from_pretrained(
     """
     if quantize is not None and quantize not in MODES:
         raise ConfigError(f"quantize={quantize!r}: choose one of {', '.join(MODES)}")
-    if is_l4jax_dir(path):
+    fmt = detect_format(path)
+    if fmt.name == "l4jax":
         config, params = restore_params(path, dtype=dtype, text_only=text_only, **runtime)
         if not hasattr(config, "vision"):
             if quantize is not None:
                 params = quantize_params(params, config, quantize)
             return Llama4ForCausalLM(config), params
         _text_only_quantize(path, quantize)
-        from l4jax.vision import Llama4ForConditionalGeneration
-
         return Llama4ForConditionalGeneration(config), params
-    if not text_only:
-        from l4jax.convert.multimodal import is_multimodal, load_multimodal
-
-        if is_multimodal(path):
-            _text_only_quantize(path, quantize)
-            return load_multimodal(path, dtype, **runtime)
-    source = open_checkpoint(path)
-    hf = source.hf_config()
-    text = hf.get("text_config", hf)
-    name = str(jnp.dtype(dtype)) if dtype is not None else _torch_dtype(text)
-    runtime = {"dtype": name, "param_dtype": name, **runtime}
-    config = source_config(source, **runtime)
+    multimodal = fmt.multimodal and not text_only
+    if multimodal:
+        _text_only_quantize(path, quantize)
+    source = open_checkpoint(path, text_only=not multimodal)
+    name = str(jnp.dtype(dtype)) if dtype is not None else checkpoint_dtype(source.hf_config())
+    config = source_config(source, multimodal, **{"dtype": name, "param_dtype": name, **runtime})
+    if multimodal:
+        log.info(
+            "loading %s (%d text + %d vision layers) from %s",
+            type(source).__name__,
+            config.text.num_hidden_layers,
+            config.vision.num_hidden_layers,
+            path,
+        )
+        params = load_entries(source, multimodal_entries(config), config.text.param_dtype)
+        return Llama4ForConditionalGeneration(config), params
     log.info(
         "loading %s (%d layers) from %s", type(source).__name__, config.num_hidden_layers, path
     )
-    params = load_params(source, config, quantize=quantize)
-    return Llama4ForCausalLM(config), params
+    return Llama4ForCausalLM(config), read_params(source, config, quantize=quantize)
 
 
 def _text_only_quantize(path: Any, quantize: str | None) -> None:
@@ -164,8 +147,3 @@ def _text_only_quantize(path: Any, quantize: str | None) -> None:
             f"{path}: quantize={quantize!r} quantizes the text model of a multimodal "
             "checkpoint: load it with text_only=True"
         )
-
-
-def _torch_dtype(hf: dict[str, Any]) -> str:
-    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    return name if name in ("float32", "bfloat16", "float16") else "float32"

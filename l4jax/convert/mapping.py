@@ -272,7 +272,7 @@ def _reshape(hf_shape, slot_shape):
 
 def vision_entries(vision: Any, text_hidden_size: int) -> list[Entry]:
     """The vision tower and projector of a multimodal checkpoint (`vision` is a
-    `l4jax.vision.Llama4VisionConfig`); its 1 + num_hidden_layers blocks are one scan axis:
+    `l4jax.vision_config.Llama4VisionConfig`); its 1 + num_hidden_layers blocks are one scan axis:
     layer i is `params["vision_model"]["layers"][...][i]`."""
     v = vision
     d, k, h, f = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size
@@ -357,7 +357,7 @@ def prefixed(entries: list[Entry], hf_prefix: str, path_prefix: tuple[str, ...])
 
 def multimodal_entries(config: Any) -> list[Entry]:
     """All tensors of a HF `Llama4ForConditionalGeneration` checkpoint (`config` is a
-    `l4jax.vision.Llama4MultimodalConfig`): the text model's under `language_model.` (params
+    `l4jax.vision_config.Llama4MultimodalConfig`): the text model's under `language_model.` (params
     `["language_model"]`), then the vision tower's and the projector's."""
     text = prefixed(hf_entries(config.text), TEXT_PREFIX, ("language_model",))
     return text + vision_entries(config.vision, config.text.hidden_size)

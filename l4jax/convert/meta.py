@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from l4jax.convert.mapping import TEXT_PREFIX
 from l4jax.errors import CheckpointError, read_json_object
 
 
@@ -50,8 +51,6 @@ UNUSED_KEY = re.compile(
 )
 # Meta tensors of the vision tower and projector (read by `MetaCheckpoint(path, vision=True)`)
 VISION_KEY = re.compile(r"vision_embeddings\..*|vision_projection\..*")
-# the HF name prefix of the text model in a multimodal checkpoint
-TEXT_PREFIX = "language_model."
 # Meta's vision encoder: theta hard-coded in VisionEncoder.get_rope_freqs, 3 input channels
 META_VISION_ROPE_THETA = 10000.0
 META_VISION_CHANNELS = 3
@@ -66,6 +65,7 @@ META_ROPE_LOW_FREQ_FACTOR = 1.0
 META_ROPE_ORIGINAL_CONTEXT = 8192
 # `vocab_size` -1 in params.json: llama_models' generation.py takes the tokenizer's size
 META_TOKENIZER_WORDS = 202048
+REMAP_BYTES = 2**30  # StreamingMeta re-maps the shards after this much data was read from them
 
 _NUMPY_DTYPES = {
     torch.float32: np.dtype(np.float32),
@@ -424,14 +424,14 @@ def _vision_recipes(vision: dict[str, Any], d: _Dims) -> dict[str, _Recipe]:
 # ---- files ----------------------------------------------------------------------------------
 
 
-def _read_params(path: Path) -> dict[str, Any]:
+def read_meta_params(path: Path) -> dict[str, Any]:
     file = path / "params.json"
     if not file.is_file():
         raise CheckpointFileNotFoundError(f"{file}: not found (not a Meta checkpoint)")
     return read_json_object(file, CheckpointError)
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
     """consolidated.00.pth .. consolidated.NN.pth, in model-parallel rank order."""
     found = {int(m[1]): p for p in path.iterdir() if (m := SHARD_FILE.fullmatch(p.name))}
     if not found:
@@ -444,7 +444,7 @@ def _shard_files(path: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _load_shard(file: Path) -> dict[str, Any]:
+def load_shard(file: Path) -> dict[str, Any]:
     """Memory-map one shard (tensors only; io.BytesIO `_extra_state` entries allowed)."""
     try:
         with torch.serialization.safe_globals([io.BytesIO]):
@@ -476,15 +476,15 @@ class MetaCheckpoint:
         text model alone, with the vision tensors in `unused_keys()`."""
         self.path = Path(path)
         self.vision = vision
-        params = _read_params(self.path)
+        params = read_meta_params(self.path)
         self._config = hf_config_from_params(params)
         self._vision = None
         if vision:
             if params.get("vision_args") is None:
                 raise CheckpointError(f"{self.path / 'params.json'}: no vision_args (text only)")
             self._vision = hf_vision_config_from_args(params["vision_args"])
-        self._files = _shard_files(self.path)
-        self._shards: list[dict[str, Any]] | None = [_load_shard(f) for f in self._files]
+        self._files = shard_files(self.path)
+        self._shards: list[dict[str, Any]] | None = [load_shard(f) for f in self._files]
         c = self._config
         dims = _Dims(
             where=self.path,
@@ -631,3 +631,30 @@ class MetaCheckpoint:
             if slab.view is not None:
                 piece = piece.reshape(slab.view)
             yield piece
+
+
+class StreamingMeta:
+    """`MetaCheckpoint` re-opened after every REMAP_BYTES read: its shard files are
+    memory-mapped, and the pages a read touched stay in RSS until the maps are dropped."""
+
+    def __init__(self, ckpt: MetaCheckpoint):
+        self.path = ckpt.path
+        self._ckpt = ckpt
+        self._read_bytes = 0
+
+    def __getattr__(self, name: str) -> Any:  # hf_config, keys, shape, dtype, location, ...
+        if name == "_ckpt":
+            raise AttributeError(name)
+        return getattr(self._ckpt, name)
+
+    def get(self, key: str) -> np.ndarray:
+        array = self._ckpt.get(key)  # a copy out of the maps
+        self._read_bytes += array.nbytes
+        if self._read_bytes >= REMAP_BYTES:
+            self._ckpt.close()
+            self._ckpt = type(self._ckpt)(self.path, vision=self._ckpt.vision)
+            self._read_bytes = 0
+        return array
+
+    def close(self) -> None:
+        self._ckpt.close()

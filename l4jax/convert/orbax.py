@@ -34,8 +34,8 @@ import tensorstore as ts
 
 from l4jax.convert import hostmem
 from l4jax.convert.mapping import Entry, Slot, get_path, model_entries, param_shapes, set_path
-from l4jax.convert.multimodal import model_config, with_runtime
 from l4jax.errors import CheckpointError, ConfigError, read_json_object
+from l4jax.vision_config import model_config, with_runtime
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

@@ -1,7 +1,7 @@
 """GRPO rollouts: sample completions, score them, turn them into a learner batch.
 
 Per step (`Rollouts.__call__`, the train loop's `Task.prepare`): the prompts of the step are
-rendered as chats with an open assistant header; `l4jax.generate.generate` samples
+rendered as chats with an open assistant header; `l4jax.generate` samples
 `--num-generations` completions per prompt from the current policy (LoRA: base and adapters
 merged) at `--temperature`; the reward function scores the decoded completions; advantages are
 normalised per group, (r - mean) / (std + 1e-4) with the unbiased std (as TRL); groups whose
@@ -134,7 +134,7 @@ class Rollouts:
         return merge(self.frozen["base"], trainable, self.policy.lora)
 
     def __call__(self, state: Any, prompt_rows: list[dict[str, Any]]):
-        from l4jax.generate import generate
+        from l4jax.decoding import generate
 
         step = int(state.step)
         if self.cached is not None and step % self.post.iterations:

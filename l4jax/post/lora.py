@@ -2,7 +2,7 @@
 
 A targeted weight W [batch.., in.., out..] (batch: the stacked layer axis and, for routed
 experts, the expert axis: one adapter per expert) gets A [batch.., in.., r] and
-B [batch.., r, out..]; the model uses W + (alpha / r) A @ B (`l4jax.model._param`, one layer at
+B [batch.., r, out..]; the model uses W + (alpha / r) A @ B (`l4jax.model.param`, one layer at
 a time inside the layer scan). A starts random (normal, std 1/sqrt(fan_in)), B at zero, so a
 fresh adapter gives exactly the base model. Only A and B are trained (optimizer state exists
 for them alone); they carry the logical axes of W (plus `lora_rank`, unsharded), so they shard

@@ -39,13 +39,13 @@ def lora_config(post: PostConfig) -> LoraConfig | None:
 def load_init(path: str, config: Llama4Config, shardings: Any) -> Any:
     """Params of `--init-from` (an l4jax training run, an l4jax, HF or Meta checkpoint) placed
     on `shardings`; the checkpoint must hold the model being trained."""
-    from l4jax.checkpoint import CONFIG_FILE, load_params
+    from l4jax.checkpoint import CONFIG_FILE, restore_run
     from l4jax.convert import from_pretrained
 
     p = Path(path)
     runtime = {"dtype": config.dtype, "param_dtype": config.param_dtype}
     if (p / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in p.iterdir()):
-        loaded, params = load_params(p, shardings=shardings, **runtime)  # a training run
+        loaded, params = restore_run(p, shardings=shardings, **runtime)  # a training run
     else:
         model, params = from_pretrained(p, text_only=True, **runtime)
         loaded = model.config
@@ -58,7 +58,7 @@ def load_init(path: str, config: Llama4Config, shardings: Any) -> Any:
 def init_from_config(path: str, **runtime: Any) -> Llama4Config:
     """The model config of an `--init-from` checkpoint or training run."""
     from l4jax.checkpoint import read_run_config
-    from l4jax.convert.load import open_checkpoint, source_config
+    from l4jax.convert.formats import open_checkpoint, source_config
 
     p = Path(path)
     if not p.exists():

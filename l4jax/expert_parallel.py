@@ -19,9 +19,12 @@ XLA:CPU in jax 0.10.2 ("HLO opcode ragged-all-to-all is not supported by XLA:CPU
 grouped matmuls only do the rows routed here: rows for other shards' experts sort past
 `sum(group_sizes)`, which `chunked_gmm` skips and the Pallas kernel does not multiply.
 
-Importing this module installs `dispatch_for_mesh` into `l4jax.moe` (`moe.set_mesh_dispatch`), so
-under `jax.set_mesh(mesh)` with more than one device the MoE layers use it; the mesh's axis
-roles come from the active `flax.linen.logical_axis_rules` (else `rules.logical_rules()`).
+The MoE layer (`l4jax.model.MoE`) asks `current_dispatch()` for its dispatch: under an
+ambient mesh (`jax.set_mesh(mesh)`) of more than one device it is `ExpertParallel`, else
+`moe.local_dispatch`; nothing is installed by an import. The mesh's axis roles come from the
+active `flax.linen.logical_axis_rules`, else from `DEFAULT_RULES` (the roles
+`sharding.rules.logical_rules()` gives these axes; tests/test_expert_parallel.py checks that
+they agree). This module sits beside the model, below `sharding`: the core never imports it.
 Everything here is differentiable: `shard_map` transposes all_gather into psum_scatter.
 """
 
@@ -40,12 +43,20 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from l4jax import moe
 from l4jax.errors import ConfigError
 from l4jax.quantization import spec_like
-from sharding.rules import Rules, logical_rules
 
 Array = jax.Array
 AxisNames = tuple[str, ...]
+Rules = tuple[tuple[str, object], ...]  # flax logical-axis rules: (logical name, mesh axes)
 
 TOKEN_LOGICAL_AXES = ("activation_batch", "activation_length")
+# the roles of the mesh axes when no logical-axis rules are active: tokens over the data-parallel
+# axes and `sequence`, experts over `expert`, the expert hidden dim over `tensor`
+DEFAULT_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_length", "sequence"),
+    ("expert", "expert"),
+    ("mlp", "tensor"),
+)
 
 
 def _mesh_axes(logical: Sequence[str], rules: Rules, mesh: AbstractMesh) -> AxisNames:
@@ -78,7 +89,7 @@ class ExpertParallel:
 
     @classmethod
     def from_rules(cls, mesh: AbstractMesh, rules: Rules | None = None) -> ExpertParallel:
-        rules = rules or logical_rules()
+        rules = rules or DEFAULT_RULES
         dispatch = cls(
             mesh,
             token_axes=_mesh_axes(TOKEN_LOGICAL_AXES, rules, mesh),
@@ -169,9 +180,13 @@ class ExpertParallel:
 def dispatch_for_mesh(mesh: AbstractMesh) -> ExpertParallel | None:
     """The expert-parallel dispatch for an ambient mesh of more than one device whose axes are
     not already manual (inside another shard_map), else None (single-device dispatch)."""
-    if math.prod(mesh.shape.values()) <= 1 or mesh.manual_axes:
+    if mesh.empty or math.prod(mesh.shape.values()) <= 1 or mesh.manual_axes:
         return None
     return ExpertParallel.from_rules(mesh, nn.get_logical_axis_rules() or None)
 
 
-moe.set_mesh_dispatch(dispatch_for_mesh)
+def current_dispatch() -> moe.Dispatch:
+    """The dispatch for the ambient mesh (`jax.sharding.get_abstract_mesh()`): expert-parallel
+    on a mesh of several devices, else `moe.local_dispatch` (which XLA partitions as it can).
+    Read when tracing; the mesh is part of jit's cache key."""
+    return dispatch_for_mesh(jax.sharding.get_abstract_mesh()) or moe.local_dispatch
