@@ -21,6 +21,8 @@ from l4jax.errors import ConfigError, read_json_object
 # auto: pallas on TPU, else ragged_dot (l4jax.moe.resolve_impl); gather: decoding only
 MOE_IMPLS = ("auto", "ragged_dot", "pallas", "megablox", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# l4jax.attention: auto = splash on TPU global layers, else blockwise for long, xla for short
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -77,6 +79,7 @@ class Llama4Config:
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # l4jax.attention.resolve_impl (not yet used by the model)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -368,6 +371,11 @@ def _validate(c: Llama4Config) -> None:
     require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
     require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
     require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
+    require(
+        c.attention_impl in ATTENTION_IMPLS,
+        "attention_impl",
+        f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}",
+    )
     require(
         c.remat_policy in REMAT_POLICIES,
         "remat_policy",
