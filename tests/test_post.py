@@ -489,7 +489,8 @@ def test_cli_sft_lora_merge_export_and_grpo_reward_file(tmp_path, monkeypatch):
     ]
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "reward_mean", "reward_std", "kl"} <= set(records[0])
-    bad = [{"my_reward.py:short": "nowhere.py:f", "grpo": "bad"}.get(x, x) for x in grpo]
+    bad = [{"my_reward.py:short": "nowhere.py:f"}.get(x, x) for x in grpo]
+    bad[bad.index("--checkpoint-dir") + 1] = "bad"
     assert main(bad) == 2  # a reward that cannot be loaded: exit 2, one line
 
 
