@@ -117,7 +117,14 @@ WORKSPACE: dict[str, dict[str, str]] = {
     },
     "docs/moe.md": {"Llama-4-Scout-17B-16E-Instruct": "hf"},
     "docs/training.md": {"path/config.json": "tiny-config", "corpus": "corpus"},
-    "docs/vision.md": {"Llama-4-Scout-17B-16E-Instruct": "mm", "photo.jpg": "image"},
+    "docs/vision.md": {
+        "Llama-4-Scout-17B-16E-Instruct": "mm",
+        "...": "mm",
+        "photo.jpg": "image",
+        "a.png": "image",  # (a JPEG under that name: the CLI reads images by content)
+        "b.png": "image",
+        "dialog.json": "dialog",
+    },
 }
 
 HELP = "tests/test_docs.py::test_benchmark_commands_use_existing_flags"
@@ -170,6 +177,18 @@ RUN: dict[str, Run] = {
         'l4jax chat --checkpoint DIR --system "Be brief." --max-new-tokens 8',
         r"\Aassistant> (?![\s\S]*assistant> )[\s\S]*\S",  # one reply to one line
         stdin="Hello!\n",
+    ),
+    # docs/vision.md (a random multimodal checkpoint: any text; 8 new tokens)
+    "l4jax generate --checkpoint Llama-4-Scout-17B-16E-Instruct --image photo.jpg --chat-json "
+    "dialog.json --max-new-tokens 128": Run(
+        "l4jax generate --checkpoint Llama-4-Scout-17B-16E-Instruct --image photo.jpg --chat-json "
+        "dialog.json --max-new-tokens 8",
+        r"\S",
+    ),
+    'l4jax generate --checkpoint ... --image a.png --image b.png --prompt "Two pictures:"': Run(
+        'l4jax generate --checkpoint ... --image a.png --image b.png --prompt "Two pictures:" '
+        "--max-new-tokens 8",
+        r"\S",
     ),
     # docs/pods.md: the table's 107.8B and 17.2B
     "python -c \"from l4jax import preset; c = preset('scout'); "
@@ -268,11 +287,6 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "tensorboard --logdir runs/demo/tensorboard": TRAIN_RUN,  # asserts the event files
     "pip install 'l4jax[data]'": EXTRAS,
     # docs/vision.md
-    "l4jax generate --checkpoint Llama-4-Scout-17B-16E-Instruct --image photo.jpg --chat-json "
-    "dialog.json --max-new-tokens 128": IMAGE_CLI,
-    'l4jax generate --checkpoint ... --image a.png --image b.png --prompt "Two pictures:"': (
-        IMAGE_CLI
-    ),
     "l4jax generate --image": IMAGE_CLI,
     "l4jax chat --checkpoint Llama-4-Scout-17B-16E-Instruct --image photo.jpg --max-new-tokens "
     "128": "tests/test_vision.py::test_chat_cli_with_images",
