@@ -3,7 +3,8 @@
 Field names follow Hugging Face's `Llama4TextConfig`. Per-layer structure is stored explicitly
 (`rope_layers`, `chunked_layers`, `moe_layers`) so the model never re-derives it, and so configs
 that list layers out of pattern still load. l4jax runtime settings (compute/param dtype, MoE
-backend, remat policy) live in the same dataclass but are not written to `config.json`.
+and attention backends, remat policy) live in the same dataclass but are not written to
+`config.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from l4jax.errors import ConfigError, read_json_object
 # auto: pallas on TPU, else ragged_dot (l4jax.moe.resolve_impl); gather: decoding only
 MOE_IMPLS = ("auto", "ragged_dot", "pallas", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# l4jax.attention: auto = splash on TPU global layers, else blockwise for long, xla for short
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -77,6 +80,7 @@ class Llama4Config:
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # l4jax.attention.resolve_impl
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -362,6 +366,11 @@ def _validate(c: Llama4Config) -> None:
     _require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
     _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
+    _require(
+        c.attention_impl in ATTENTION_IMPLS,
+        "attention_impl",
+        f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}",
+    )
     _require(
         c.remat_policy in REMAT_POLICIES,
         "remat_policy",

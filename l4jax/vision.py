@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l4jax.attention import dot_product_attention
 from l4jax.config import DTYPES, REMAT_POLICIES, Llama4Config
 from l4jax.errors import ConfigError, read_json_object
 from l4jax.model import (
@@ -40,7 +41,6 @@ from l4jax.model import (
     _fan_in_init,
     _param,
     apply_rope,
-    dot_product_attention,
 )
 
 Array = jax.Array

@@ -1,0 +1,445 @@
+"""Attention backends behind one interface (`config.attention_impl`), like the MoE backends.
+
+    out_btnh, lse_btn = attention(impl, q_btnh, k_bskh, v_bskh, mask)
+
+`mask` is a `MaskSpec`: query/key positions and segment ids plus the chunk size. A key is
+visible to a query iff it has the same segment id, a position <= the query's, and (chunked
+layers) the same position // chunk. Positions, not indices, drive the mask, so packed segments
+and left-padded rows work in every backend that takes positions. Key segment ids < 0 mark keys
+no query may see (unwritten cache slots, padding added here).
+
+Backends:
+- `xla`: einsum scores [B, K, G, T, S] in fp32 and a [B, T, S] mask; the oracle.
+- `blockwise`: online-softmax attention in plain JAX over query blocks x key blocks with an fp32
+  running max and sum; it never holds a [T, S] array, and its custom VJP recomputes blocks, so
+  the backward pass is memory-linear too. Key blocks the mask empties are skipped, not computed
+  and masked (a chunked layer costs O(T x chunk), a causal one O(T^2 / 2)).
+- `splash`: JAX's TPU kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): a
+  ChunkedCausalMask on chunked layers, a CausalMask on the others, segment ids for packing.
+  Its masks are static and index-based, so it is exact only when every row's positions are its
+  indices (no left padding, packed documents restarting at 0 only at chunk multiples); `auto`
+  therefore uses it only where that cannot matter (global layers: causal-by-index equals
+  causal-by-position inside a segment whose positions step by one).
+- `auto`: `splash` on TPU for global layers; else `blockwise` when T * S exceeds
+  `BLOCKWISE_MIN_SCORES`, `xla` below.
+
+Every backend but `splash` also returns the fp32 logsumexp of each query's scores, so partial
+results over disjoint key sets merge exactly (`merge_partials`): the KV-cache prefill of one
+piece against the cache and itself, and context-parallel ring attention, use it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l4jax.config import ATTENTION_IMPLS
+
+Array = jax.Array
+
+# auto: blockwise above this many scores per (row, head); below it the einsum path is faster
+BLOCKWISE_MIN_SCORES = 2048 * 2048
+BLOCK_Q = 512
+BLOCK_K = 512
+SPLASH_BLOCK = 128  # splash needs sequence blocks that are multiples of the TPU lane width
+_BIG = np.iinfo(np.int32).max // 2
+
+
+class MaskSpec(NamedTuple):
+    q_positions_bt: Array  # int32 absolute positions
+    k_positions_bs: Array
+    q_segments_bt: Array  # int32; equal ids attend, key ids < 0 are never visible
+    k_segments_bs: Array
+    chunk_size: int | None  # static: chunked layers only see their own chunk
+
+
+def self_mask(positions_bt: Array, segments_bt: Array, chunk_size: int | None) -> MaskSpec:
+    return MaskSpec(positions_bt, positions_bt, segments_bt, segments_bt, chunk_size)
+
+
+def mask_array(
+    q_positions_bt: Array,
+    k_positions_bs: Array,
+    q_segments_bt: Array,
+    k_segments_bs: Array,
+    chunk_size: int | None,
+) -> Array:
+    """[B, T, S] bool: causal by position, within one segment, and within one chunk if chunked.
+
+    Positions are absolute and increase along each packed segment, so "causal by position within
+    a segment" is plain causal attention for unpacked input and packing-safe otherwise.
+    """
+    qp, kp = q_positions_bt[:, :, None], k_positions_bs[:, None, :]
+    ks = k_segments_bs[:, None, :]
+    mask = (kp <= qp) & (q_segments_bt[:, :, None] == ks) & (ks >= 0)
+    if chunk_size is not None:
+        mask &= (kp // chunk_size) == (qp // chunk_size)
+    return mask
+
+
+def resolve_impl(impl: str, t: int, s: int, chunked: bool, need_lse: bool = False) -> str:
+    """The backend `impl` runs as for T queries over S keys (see the module docstring). Splash
+    only runs self-attention (T == S) without a logsumexp; elsewhere `splash` means `auto`."""
+    if impl == "splash" and t == s and not need_lse:
+        return impl
+    if impl not in ("auto", "splash"):
+        return impl
+    tpu = jax.default_backend() == "tpu"
+    if impl == "auto" and tpu and not (chunked or need_lse) and t == s and t % SPLASH_BLOCK == 0:
+        return "splash"
+    return "blockwise" if t * s > BLOCKWISE_MIN_SCORES else "xla"
+
+
+def attention(
+    impl: str,
+    q_btnh: Array,
+    k_bskh: Array,
+    v_bskh: Array,
+    mask: MaskSpec,
+    need_lse: bool = False,
+) -> tuple[Array, Array | None]:
+    """GQA attention (kv head j serves query heads j*G .. j*G+G-1) -> (out [B, T, N, H] in q's
+    dtype, fp32 logsumexp [B, T, N], or None from splash unless `need_lse`). A query that sees
+    no key gets 0 out and logsumexp -inf (`xla` gives the mean of v; such rows are padding)."""
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    impl = resolve_impl(impl, t, s, mask.chunk_size is not None, need_lse)
+    with jax.named_scope(f"attention_{impl}"):
+        if impl == "xla":
+            return xla_attention(q_btnh, k_bskh, v_bskh, mask)
+        if impl == "blockwise":
+            return blockwise_attention(q_btnh, k_bskh, v_bskh, mask)
+        if impl == "splash":
+            return splash_attention(q_btnh, k_bskh, v_bskh, mask), None
+    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def merge_partials(parts: list[tuple[Array, Array]]) -> tuple[Array, Array]:
+    """Combine attention over disjoint key sets: [(out [B, T, N, H], lse [B, T, N])] -> one."""
+    lse = functools.reduce(jnp.logaddexp, [p[1] for p in parts])
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    out = sum(o.astype(jnp.float32) * jnp.exp(part_lse - safe)[..., None] for o, part_lse in parts)
+    return out.astype(parts[0][0].dtype), lse
+
+
+# ---- xla: the einsum oracle ------------------------------------------------------------------
+
+
+def xla_attention(
+    q_btnh: Array, k_bskh: Array, v_bskh: Array, mask: MaskSpec
+) -> tuple[Array, Array]:
+    return _einsum_attention(q_btnh, k_bskh, v_bskh, mask_array(*mask))
+
+
+def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
+    """Einsum GQA attention under an explicit [B, T, S] bool mask (e.g. the vision encoder's)."""
+    return _einsum_attention(q_btnh, k_bskh, v_bskh, mask_bts)[0]
+
+
+def _einsum_attention(q_btnh, k_bskh, v_bskh, visible_bts):
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    visible = visible_bts[:, None, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    lse_bkgt = jax.nn.logsumexp(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return out.reshape(b, t, n, h), lse_bkgt.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+# ---- blockwise: online softmax over visible key blocks ---------------------------------------
+# Written here rather than taken from a library: jax.nn.dot_product_attention's XLA path holds
+# the full logits, and the Pallas kernels (splash, flash) are TPU/GPU only and index-masked.
+
+
+class _Blocks(NamedTuple):
+    """Padded, blocked inputs: q [nq, B, bq, K, G, H], k/v [B, nk*bk, K, H], mask pieces."""
+
+    q_positions: Array  # [nq, B, bq]
+    q_segments: Array
+    k_positions: Array  # [B, nk*bk]
+    k_segments: Array
+    lo: Array  # [nq] first key block a query block may see
+    hi: Array  # [nq] one past the last
+    visible: Array  # [nq, nk] bool: the block pair holds at least one visible entry (maybe)
+
+
+def _pad_to(x: Array, length: int, axis: int, value) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _block_plan(mask: MaskSpec, bq: int, bk: int, nq: int, nk: int) -> _Blocks:
+    """Pad and block the mask inputs; from per-block position and segment ranges (over the
+    whole batch) decide which key blocks each query block must visit."""
+    qp = _pad_to(mask.q_positions_bt.astype(jnp.int32), nq * bq, 1, 0)
+    qs = _pad_to(mask.q_segments_bt.astype(jnp.int32), nq * bq, 1, -2)  # padded queries
+    kp = _pad_to(mask.k_positions_bs.astype(jnp.int32), nk * bk, 1, 0)
+    ks = _pad_to(mask.k_segments_bs.astype(jnp.int32), nk * bk, 1, -1)  # padded keys
+    b = qp.shape[0]
+    qp_blk = qp.reshape(b, nq, bq).transpose(1, 0, 2)
+    qs_blk = qs.reshape(b, nq, bq).transpose(1, 0, 2)
+    q_ok = qs_blk >= 0
+
+    def q_range(x):
+        lo = jnp.min(jnp.where(q_ok, x, _BIG), axis=(1, 2))
+        return lo, jnp.max(jnp.where(q_ok, x, -_BIG), axis=(1, 2))
+
+    k_ok = (ks >= 0).reshape(b, nk, bk)
+
+    def k_range(x):
+        x = x.reshape(b, nk, bk)
+        return jnp.min(jnp.where(k_ok, x, _BIG), axis=(0, 2)), jnp.max(
+            jnp.where(k_ok, x, -_BIG), axis=(0, 2)
+        )
+
+    qp_lo, qp_hi = q_range(qp_blk)
+    qs_lo, qs_hi = q_range(qs_blk)
+    kp_lo, kp_hi = k_range(kp)
+    ks_lo, ks_hi = k_range(ks)
+    vis = (kp_lo[None, :] <= qp_hi[:, None]) & (ks_lo[None, :] <= qs_hi[:, None])
+    vis &= ks_hi[None, :] >= qs_lo[:, None]
+    if mask.chunk_size is not None:
+        chunk_start = (qp_lo // mask.chunk_size) * mask.chunk_size
+        vis &= kp_hi[None, :] >= chunk_start[:, None]
+    any_vis = jnp.any(vis, axis=1)
+    lo = jnp.where(any_vis, jnp.argmax(vis, axis=1), 0).astype(jnp.int32)
+    hi = jnp.where(any_vis, nk - jnp.argmax(vis[:, ::-1], axis=1), 0).astype(jnp.int32)
+    return _Blocks(qp_blk, qs_blk, kp, ks, lo, hi, vis)
+
+
+def _block_scores(q_bqkgh, k_bskh, qp_bq, qs_bq, kp_bs, ks_bs, chunk_size):
+    """fp32 scaled scores [B, K, G, bq, bk] and the visibility [B, 1, 1, bq, bk]."""
+    h = q_bqkgh.shape[-1]
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh, preferred_element_type=jnp.float32)
+    visible = mask_array(qp_bq, kp_bs, qs_bq, ks_bs, chunk_size)[:, None, None]
+    return s * (h**-0.5), visible
+
+
+def _sizes(t: int, s: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
+    bq, bk = min(block_q, t), min(block_k, s)
+    return bq, bk, -(-t // bq), -(-s // bk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, block_k):
+    return _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, block_k)[0]
+
+
+def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, block_k):
+    b, t, n, h = q_btnh.shape
+    s, kv = k_bskh.shape[1], k_bskh.shape[2]
+    g = n // kv
+    bq, bk, nq, nk = _sizes(t, s, block_q, block_k)
+    plan = _block_plan(MaskSpec(*mask_arrays, chunk_size), bq, bk, nq, nk)
+    q_blk = _pad_to(q_btnh, nq * bq, 1, 0).reshape(b, nq, bq, kv, g, h).swapaxes(0, 1)
+    k = _pad_to(k_bskh, nk * bk, 1, 0)
+    v = _pad_to(v_bskh, nk * bk, 1, 0)
+
+    def one_query_block(args):
+        q, qp, qs, lo, hi, vis = args
+
+        def body(j, carry):
+            def update(carry):
+                m, run_sum, acc = carry
+                kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 1)
+                vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 1)
+                kp = jax.lax.dynamic_slice_in_dim(plan.k_positions, j * bk, bk, 1)
+                ks = jax.lax.dynamic_slice_in_dim(plan.k_segments, j * bk, bk, 1)
+                scores, visible = _block_scores(q, kb, qp, qs, kp, ks, chunk_size)
+                scores = jnp.where(visible, scores, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no (-inf) - (-inf)
+                p = jnp.exp(scores - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum(
+                    "bkgqs,bskh->bkgqh", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+                )
+                return m_new, alpha * run_sum + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+
+            return jax.lax.cond(vis[j], update, lambda c: c, carry)
+
+        # fp32 running max m, sum l and output accumulator, per (row, kv head, group, query)
+        m0 = jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32)
+        carry = (m0, jnp.zeros_like(m0), jnp.zeros((b, kv, g, bq, h), jnp.float32))
+        m, run_sum, acc = jax.lax.fori_loop(lo, hi, body, carry)
+        seen = run_sum > 0
+        out = acc / jnp.where(seen, run_sum, 1.0)[..., None]
+        m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, run_sum, 1.0)), -jnp.inf)
+        return out, lse
+
+    xs = (q_blk, plan.q_positions, plan.q_segments, plan.lo, plan.hi, plan.visible)
+    out_blk, lse_blk = jax.lax.map(one_query_block, xs)  # [nq, B, K, G, bq, (H)]
+    out = out_blk.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)[:, :t]
+    lse = lse_blk.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, n)[:, :t]
+    out = out.astype(q_btnh.dtype)
+    return (out, lse), (q_btnh, k_bskh, v_bskh, mask_arrays, out, lse)
+
+
+def _blockwise_bwd(chunk_size, block_q, block_k, residuals, cotangents):
+    """Recompute each visible block's probabilities from the saved logsumexp (flash-attention
+    backward): dS = P * (dO V^T - rowsum(dO * O) + dlse)."""
+    q_btnh, k_bskh, v_bskh, mask_arrays, out, lse = residuals
+    dout, dlse = cotangents
+    b, t, n, h = q_btnh.shape
+    s, kv = k_bskh.shape[1], k_bskh.shape[2]
+    g = n // kv
+    bq, bk, nq, nk = _sizes(t, s, block_q, block_k)
+    plan = _block_plan(MaskSpec(*mask_arrays, chunk_size), bq, bk, nq, nk)
+
+    def blocked(x, fill=0.0):  # [B, T, N, ...] -> [nq, B, bq, K, G, ...]
+        x = _pad_to(x, nq * bq, 1, fill)
+        return x.reshape(b, nq, bq, kv, g, *x.shape[3:]).swapaxes(0, 1)
+
+    dout32 = dout.astype(jnp.float32)
+    delta = jnp.sum(dout32 * out.astype(jnp.float32), axis=-1)  # [B, T, N]
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
+    k = _pad_to(k_bskh, nk * bk, 1, 0)
+    v = _pad_to(v_bskh, nk * bk, 1, 0)
+    scale = h**-0.5
+
+    def one_query_block(carry, args):
+        q, do, lse_q, dl_q, delta_q, qp, qs, lo, hi, vis = args
+        to_bkgq = (0, 2, 3, 1)  # [B, bq, K, G] -> [B, K, G, bq]
+        lse_q, dl_q, delta_q = (x.transpose(to_bkgq) for x in (lse_q, dl_q, delta_q))
+
+        def body(j, inner):
+            def update(inner):
+                dq, dk, dv = inner
+                kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 1)
+                vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 1)
+                kp = jax.lax.dynamic_slice_in_dim(plan.k_positions, j * bk, bk, 1)
+                ks = jax.lax.dynamic_slice_in_dim(plan.k_segments, j * bk, bk, 1)
+                scores, visible = _block_scores(q, kb, qp, qs, kp, ks, chunk_size)
+                p = jnp.where(visible, jnp.exp(scores - lse_q[..., None]), 0.0)
+                dp = jnp.einsum("bqkgh,bskh->bkgqs", do, vb, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_q[..., None] + dl_q[..., None]) * scale
+                dq = dq + jnp.einsum(
+                    "bkgqs,bskh->bqkgh", ds, kb, preferred_element_type=jnp.float32
+                )
+                dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q, preferred_element_type=jnp.float32)
+                dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p, do, preferred_element_type=jnp.float32)
+                dk = jax.lax.dynamic_update_slice_in_dim(
+                    dk, jax.lax.dynamic_slice_in_dim(dk, j * bk, bk, 1) + dk_j, j * bk, 1
+                )
+                dv = jax.lax.dynamic_update_slice_in_dim(
+                    dv, jax.lax.dynamic_slice_in_dim(dv, j * bk, bk, 1) + dv_j, j * bk, 1
+                )
+                return dq, dk, dv
+
+            return jax.lax.cond(vis[j], update, lambda c: c, inner)
+
+        dq0 = jnp.zeros((b, bq, kv, g, h), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq0, *carry))
+        return (dk, dv), dq
+
+    dkv0 = jnp.zeros((b, nk * bk, kv, h), jnp.float32)
+    xs = (
+        blocked(q_btnh),
+        blocked(dout32),
+        blocked(lse_safe),
+        blocked(dlse),
+        blocked(delta),
+        plan.q_positions,
+        plan.q_segments,
+        plan.lo,
+        plan.hi,
+        plan.visible,
+    )
+    (dk, dv), dq_blk = jax.lax.scan(one_query_block, (dkv0, dkv0), xs)
+    dq = dq_blk.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_arrays)
+    return (
+        dq.astype(q_btnh.dtype),
+        dk[:, :s].astype(k_bskh.dtype),
+        dv[:, :s].astype(v_bskh.dtype),
+        zeros,
+    )
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(
+    q_btnh: Array,
+    k_bskh: Array,
+    v_bskh: Array,
+    mask: MaskSpec,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Array, Array]:
+    """(out [B, T, N, H], fp32 logsumexp [B, T, N]); memory O(T + S) in both passes."""
+    arrays = tuple(x.astype(jnp.int32) for x in mask[:4])
+    return _blockwise(q_btnh, k_bskh, v_bskh, arrays, mask.chunk_size, block_q, block_k)
+
+
+def visited_blocks(mask: MaskSpec, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> int:
+    """How many (query block, key block) pairs `blockwise_attention` computes for `mask`."""
+    t, s = mask.q_positions_bt.shape[1], mask.k_positions_bs.shape[1]
+    bq, bk, nq, nk = _sizes(t, s, block_q, block_k)
+    plan = _block_plan(mask, bq, bk, nq, nk)
+    in_range = (jnp.arange(nk)[None, :] >= plan.lo[:, None]) & (
+        jnp.arange(nk)[None, :] < plan.hi[:, None]
+    )
+    return int(jnp.sum(in_range & plan.visible))
+
+
+# ---- splash: JAX's TPU kernel ------------------------------------------------------------------
+
+
+def splash_attention(
+    q_btnh: Array, k_bskh: Array, v_bskh: Array, mask: MaskSpec, interpret: bool | None = None
+) -> Array:
+    """Self-attention with JAX's splash kernel (T == S; positions must equal indices, see the
+    module docstring). `interpret` (default: off TPU) runs the kernel in the Pallas interpreter."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as mask_lib,
+    )
+
+    b, t, n, h = q_btnh.shape
+    if k_bskh.shape[1] != t:
+        raise ValueError(f"splash attention is self-attention only; got T={t}, S={k_bskh.shape[1]}")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    tp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    shape = (tp, tp)
+    if mask.chunk_size is None:
+        one = mask_lib.CausalMask(shape)
+    else:
+        one = mask_lib.ChunkedCausalMask(shape, mask.chunk_size)
+    blocks = kernel_lib.BlockSizes(
+        block_q=SPLASH_BLOCK,
+        block_kv=SPLASH_BLOCK,
+        block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK,
+        block_kv_dkv=SPLASH_BLOCK,
+        block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK,
+        block_kv_dq=SPLASH_BLOCK,
+    )
+    kernel = kernel_lib.make_splash_mha_single_device(
+        mask_lib.MultiHeadMask([one] * n), block_sizes=blocks, interpret=interpret
+    )
+    # splash does not scale: fold head_dim^-0.5 into q (exact for powers of two head dims)
+    q = _pad_to(q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype), tp, 1, 0).transpose(0, 2, 1, 3)
+    k = _pad_to(k_bskh, tp, 1, 0).transpose(0, 2, 1, 3)
+    v = _pad_to(v_bskh, tp, 1, 0).transpose(0, 2, 1, 3)
+    qs = _pad_to(mask.q_segments_bt.astype(jnp.int32), tp, 1, -2)
+    ks = _pad_to(mask.k_segments_bs.astype(jnp.int32), tp, 1, -1)
+
+    def one_row(q, k, v, qs, ks):
+        return kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(qs, ks))
+
+    out = jax.vmap(one_row)(q, k, v, qs, ks)  # [B, N, T, H]
+    return out.transpose(0, 2, 1, 3)[:, :t].astype(q_btnh.dtype)
