@@ -77,6 +77,10 @@ def test_prompt_longer_than_max_positions_is_a_clear_error(tiny, tmp_path, capsy
     missing = tmp_path / "nope.txt"
     assert cli.main(["generate", "--preset", "tiny", "--prompt-file", str(missing)]) == 2
     assert "nope.txt" in capsys.readouterr().err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time " * 20, encoding="utf-8")
+    argv = ["generate", "--preset", "tiny", "--prompt-file", str(prompt), "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0
 
 
 def test_blockwise_cross_entropy_equals_full_logits_loss_and_gradients():
