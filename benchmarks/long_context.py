@@ -1,8 +1,9 @@
 """Long context on CPU: forward and prefill time and peak memory by length, l4jax vs transformers.
 
 Every measurement runs in a fresh child process (this script with `--child`), which reports its
-wall time (after one compile / warm-up run at the same length for l4jax; transformers runs once)
-and its peak resident memory (`ru_maxrss`, the whole process: Python, JAX/PyTorch runtimes,
+wall time (l4jax forward: one execution of the ahead-of-time compiled function, compile time
+apart; l4jax prefill: one `generate` call, compilation included; transformers: one call) and
+its peak resident memory (`ru_maxrss`, the whole process: Python, JAX/PyTorch runtimes,
 weights and activations), so lengths and sides do not share allocator state.
 
     forward   l4jax: `apply` on B=1 x T tokens, logits of every position ([T, V] fp32 out);
@@ -68,11 +69,11 @@ def child(args: argparse.Namespace) -> dict:
     config = preset("tiny", **CONFIGS[args.config])
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.length))
     if args.side == "l4jax":
-        return l4jax_run(config, tokens, args.mode)
+        return l4jax_run(config, tokens, args.mode, args.analysis)
     return torch_run(config, tokens, args.mode)
 
 
-def l4jax_run(config, tokens, mode: str) -> dict:
+def l4jax_run(config, tokens, mode: str, analysis: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,23 +83,27 @@ def l4jax_run(config, tokens, mode: str) -> dict:
 
     model = Llama4ForCausalLM(config)
     params = init_params(config, rng=0)
-    if mode == "forward":
-        apply = jax.jit(model.apply)
-
-        def run():
-            return np.asarray(apply({"params": params}, jnp.asarray(tokens, jnp.int32))[0, -1])
-    else:
-
-        def run():
-            return l4jax.generate(model, params, tokens, 1, stop_ids=())[0, -1]
-
-    start = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = run()
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if mode == "forward":  # compiled ahead of time, so one timed execution suffices
+        start = time.perf_counter()
+        apply = jax.jit(model.apply).lower({"params": params}, tokens).compile()
+        compile_s = time.perf_counter() - start
+        if analysis:  # XLA's own accounting of the compiled forward; nothing executes
+            mem = apply.memory_analysis()
+            sizes = dict(
+                temp_gb=mem.temp_size_in_bytes / 1e9,
+                argument_gb=mem.argument_size_in_bytes / 1e9,
+                output_gb=mem.output_size_in_bytes / 1e9,
+            )
+            return dict(compile_s=compile_s, **sizes)
+        start = time.perf_counter()
+        out = np.asarray(apply({"params": params}, tokens)[0, -1])
+        seconds = time.perf_counter() - start
+        return dict(seconds=seconds, compile_s=compile_s, result=out.tolist())
+    start = time.perf_counter()  # prefill: one run, compilation included
+    ids = l4jax.generate(model, params, np.asarray(tokens), 1, stop_ids=())
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, first_run_s=compile_s, result=np.asarray(out).tolist())
+    return dict(seconds=seconds, compile_s=None, result=int(ids[0, -1]))
 
 
 def torch_run(config, tokens, mode: str) -> dict:
@@ -114,7 +119,7 @@ def torch_run(config, tokens, mode: str) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "forward":
-            out = hf(input_ids=ids, use_cache=False).logits[0, -1].numpy()
+            out = hf(input_ids=ids, use_cache=False).logits[0, -1].numpy().tolist()
         else:
             out = hf.generate(
                 ids,
@@ -122,13 +127,15 @@ def torch_run(config, tokens, mode: str) -> dict:
                 max_new_tokens=1,
                 do_sample=False,
                 pad_token_id=0,
-            )[0, -1].numpy()
-    return dict(seconds=time.perf_counter() - start, result=np.asarray(out).tolist())
+            )[0, -1].item()
+    return dict(seconds=time.perf_counter() - start, result=out)
 
 
-def measure(config: str, mode: str, side: str, length: int, timeout: float) -> dict:
+def measure(
+    config: str, mode: str, side: str, length: int, timeout: float, extra: list | None = None
+) -> dict:
     cmd = [sys.executable, __file__, "--child", "--config", config, "--mode", mode]
-    cmd += ["--side", side, "--lengths", str(length)]
+    cmd += ["--side", side, "--lengths", str(length), *(extra or [])]
     with tempfile.TemporaryFile("w+") as err:
         try:
             proc = subprocess.run(
@@ -152,6 +159,12 @@ def main() -> None:
         "--torch", action="store_true", help="also run transformers (sdpa) at each length"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child run")
+    parser.add_argument(
+        "--analysis",
+        action="store_true",
+        help="forward only: compile and print XLA's memory analysis (temp, arguments, output) "
+        "per length instead of running",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,6 +173,18 @@ def main() -> None:
         result = child(args)
         result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(result))
+        return
+    if args.analysis:
+        print(f"config {args.config}, forward, compiled memory analysis (GB), batch 1, float32")
+        print("| tokens | temp | arguments | output | compile s | process peak GB |")
+        print("|---|---|---|---|---|---|")
+        for length in args.lengths:
+            r = measure(args.config, "forward", "l4jax", length, args.timeout, ["--analysis"])
+            if "error" in r:
+                print(f"| {length} | {r['error']} | | | | |", flush=True)
+                continue
+            cells = [r["temp_gb"], r["argument_gb"], r["output_gb"], r["compile_s"], r["peak_gb"]]
+            print(f"| {length} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
         return
     print(f"config {args.config}, {args.mode}, batch 1, float32, CPU")
     print("| tokens | l4jax s | l4jax peak GB | transformers s | transformers peak GB | ratio |")
