@@ -294,6 +294,10 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/convert_memory.py --gb 4.0": HELP,
     "python benchmarks/vision.py": HELP,
     "python benchmarks/long_context.py": HELP,
+    "python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 "
+    "65536": HELP,
+    "python benchmarks/long_context.py --config tiny --analysis --lengths 8192 16384 32768 65536 "
+    "131072 262144": HELP,
     "python benchmarks/moe.py --part roofline": (
         "tests/test_docs.py::test_roofline_table_is_what_the_script_prints"
     ),
