@@ -977,17 +977,26 @@ def post_config_from_args(args: Any) -> Any:
     )
 
 
+def configure_train_logging() -> None:
+    """INFO lines of l4jax, pipelines and sharding on stderr as `l4jax train: ...`. Idempotent:
+    a second in-process call replaces its own handler instead of adding one (lines once)."""
+    handler = logging.StreamHandler()
+    handler.set_name("l4jax train")
+    handler.setFormatter(logging.Formatter("l4jax train: %(message)s"))
+    for name in ("l4jax", "pipelines", "sharding"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == "l4jax train"]:
+            logger.removeHandler(old)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def run_cli(args: Any) -> int:
     """`l4jax train`: train, checkpoint, resume, report, and sample from the model."""
     _initialize_distributed(args)
     if not args.verbose:  # with -v the root logger already shows everything
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("l4jax train: %(message)s"))
-        for name in ("l4jax", "pipelines", "sharding"):
-            logger = logging.getLogger(name)
-            logger.setLevel(logging.INFO)
-            logger.addHandler(handler)
-            logger.propagate = False
+        configure_train_logging()
     config = model_config_from_args(args)
     tc = train_config_from_args(args)
     primary = jax.process_index() == 0

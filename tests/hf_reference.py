@@ -26,9 +26,13 @@ BASE = dict(
     pad_token_id=None,
 )
 
+# The configs vary the scalars (eps 1e-6 / 1e-3 / 3e-2, attn_scale 0.1 / 0.05 / 0.25): a
+# hard-coded or ignored one (e.g. a qk-norm eps of 1e-6) moves the logits past the fp32
+# tolerance in at least one config.
 # all layers MoE, qk-norm, llama3 scaling with low == high (the 0/0 blend case)
 SCOUT_LIKE = dict(
     BASE,
+    rms_norm_eps=1e-6,
     num_hidden_layers=8,
     interleave_moe_layer_step=1,
     use_qk_norm=True,
@@ -46,6 +50,8 @@ SCOUT_LIKE = dict(
 # MoE every 2nd layer (dense layers between), many experts, no qk-norm, no rope scaling
 MAVERICK_LIKE = dict(
     BASE,
+    rms_norm_eps=1e-3,
+    attn_scale=0.05,
     num_hidden_layers=8,
     interleave_moe_layer_step=2,
     num_local_experts=16,
@@ -57,6 +63,8 @@ MAVERICK_LIKE = dict(
 # top-2 routing, blended llama3 scaling (low != high), chunk 8, temperature floor 24
 TOP2_LIKE = dict(
     BASE,
+    rms_norm_eps=3e-2,
+    attn_scale=0.25,
     num_hidden_layers=4,
     num_experts_per_tok=2,
     num_local_experts=8,

@@ -238,10 +238,6 @@ COVERED: dict[str, str | tuple[str, ...]] = {
         "tests/test_convert.py::test_dtype_option_casts_like_numpy",
     ),
     "l4jax verify SRC": VERIFY,
-    # docs/conversion.md: the stderr line of `--allow-unexpected`
-    "l4jax convert: skipped FILE: tensor ...": (
-        "tests/test_accounting.py::test_extra_tensor_in_a_shard_but_not_in_the_index"
-    ),
     "l4jax train": (DEMO_DEFAULTS, TRAIN_CLI, TRAIN_RUN),
     'l4jax generate --checkpoint DIR --prompt "..."': (INFERENCE_DOC, GENERATE_CLI),
     "l4jax chat --checkpoint DIR": (INFERENCE_DOC, GENERATE_CLI),

@@ -19,7 +19,7 @@ from l4jax.errors import CheckpointError
 
 CONFIGS = {"scout_like": SCOUT_LIKE, "maverick_like": MAVERICK_LIKE, "top2_like": TOP2_LIKE}
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 100))
-FP32_TOL = 1e-4
+FP32_TOL = 1e-5  # measured ~1e-6: what fp32 allows, so a wrong scalar (eps) shows
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -25,7 +25,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("l4jax.config", "l4jax.vision_config")),
     ("quantization", ("l4jax.quantization",)),
     ("kernels", ("l4jax.kernels", "l4jax.kernels.*")),
-    ("model", ("l4jax.moe", "l4jax.expert_parallel", "l4jax.model", "l4jax.vision")),
+    (
+        "model",
+        (
+            "l4jax.attention",
+            "l4jax.context_parallel",
+            "l4jax.moe",
+            "l4jax.expert_parallel",
+            "l4jax.model",
+            "l4jax.vision",
+        ),
+    ),
     ("tokenizer", ("l4jax.tokenizer",)),
     # convert/: names and layouts, shared streaming pieces -> readers and writers -> the one
     # format detector -> loading and conversion

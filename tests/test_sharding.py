@@ -30,6 +30,7 @@ MESHES = {  # strategy: (mesh, micro-batches)
     "fsdp": ("fsdp=8", 1),
     "fsdp+tp": ("fsdp=4,tensor=2", 1),
     "fsdp+ep": ("fsdp=2,expert=4", 1),
+    "fsdp+sequence": ("fsdp=4,sequence=2", 1),  # the whole model and step, length split
     "data+ep+tp, 2 micro-batches": ("data=2,expert=2,tensor=2", 2),
 }
 
@@ -103,6 +104,17 @@ def test_sharded_step_matches_unsharded(reference, strategy):
     adam = state.opt_state[1][0]
     _assert_sharded_as_ruled(adam.mu, mesh, logical)
     _assert_sharded_as_ruled(adam.nu, mesh, logical)
+    # ... and the weights really are split, checked without the rules (a rule that replicated
+    # the embedding would pass the check above): every large parameter is split, and under pure
+    # FSDP a device holds 1/8 of each (about 1/8 of all parameter bytes, norms aside)
+    leaves = jax.tree.leaves(state.params)
+    big = [leaf for leaf in leaves if leaf.size >= 8192]  # embedding, projections, experts
+    assert all(leaf.addressable_shards[0].data.nbytes < leaf.nbytes for leaf in big)
+    if spec == "fsdp=8":
+        assert all(leaf.addressable_shards[0].data.nbytes * 8 == leaf.nbytes for leaf in big)
+        total = sum(leaf.nbytes for leaf in leaves)
+        on_device_0 = sum(leaf.addressable_shards[0].data.nbytes for leaf in leaves)
+        assert on_device_0 < 1.05 * total / 8, (on_device_0, total)
 
 
 MULTIMODAL = Llama4MultimodalConfig(

@@ -16,7 +16,7 @@ import pytest
 from l4jax import from_pretrained, preset
 from l4jax.checkpoint import TrainCheckpointer, export_run_hf, restore_run, write_run_config
 from l4jax.errors import ConfigError
-from l4jax.train import TrainConfig, Trainer, flops_per_token, train
+from l4jax.train import TrainConfig, Trainer, configure_train_logging, flops_per_token, train
 from pipelines import ByteTokenizer
 from sharding import make_mesh
 
@@ -190,3 +190,22 @@ def test_train_step_keeps_no_stacked_copy_of_the_expert_weights():
     param_bytes = 4 * config.num_params()
     assert config.num_hidden_layers // config.scan_period >= 2  # a real scan over groups
     assert trainer._step.memory_analysis().temp_size_in_bytes < 2.5 * param_bytes
+
+
+def test_train_logging_configured_once_per_process(capsys):
+    """`run_cli` called twice in one process (tests, notebooks) logs each line once."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("l4jax", "pipelines", "sharding")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:
+        configure_train_logging()
+        configure_train_logging()
+        assert [len(lg.handlers) for lg in loggers] == [1, 1, 1]
+        logging.getLogger("l4jax.train").info("one line")
+        assert capsys.readouterr().err.count("l4jax train: one line") == 1
+    finally:  # the handler writes to capsys's stream: leave the loggers as they were
+        for lg, (handlers, level, propagate) in zip(loggers, saved):
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
