@@ -1,0 +1,248 @@
+"""Context parallelism: attention over a sequence split on the `sequence` mesh axis.
+
+Outside attention every activation is split along its length by the logical rules
+(`activation_length` -> `sequence`); here, per device, inside `shard_map`, with n shards of
+L = T / n tokens each (L a whole multiple of `attention_chunk_size`):
+
+    chunked (RoPE) layer:  out = attend(q_l, [halo, k_l])      halo = the previous shard's last
+                                                               `chunk` keys (one ppermute)
+    global (NoPE) layer:   ring: for step in 0..n-1            k, v of shard (r - step) mod n
+                               part = attend(q_l, k, v)        skipped if that shard is later
+                               out  = merge by logsumexp       (attention.merge_partials)
+                               k, v = ppermute(k, v, +1)       (not after the last step)
+    decode (T = 1):        each shard's partial softmax over its slice of the cache, merged
+                           by logsumexp with pmax / psum (flash-decoding)
+
+Chunked layers: a query sees keys of its own chunk by *position*. With positions equal to
+indices (unpacked rows) a shard holds whole chunks, so the halo block is entirely masked (the
+blockwise backend skips it; `xla` computes and masks it: chunk x L scores). Packed documents
+restart positions at 0 mid-row, so a document's chunk can straddle a shard boundary; it never
+reaches further back than `chunk - 1` tokens, i.e. into the previous shard's last chunk, which
+is what the halo carries. The halo is ~chunk / L of a shard's K/V: for Scout (chunk 8192) and
+a 128K-token shard, 1/16.
+
+Global layers: the ring moves (n - 1) K/V shards per device, as an all-gather of K/V does, but
+holds two shards (this step's and the next) where the all-gather holds all n;
+`exchange="all_gather"` keeps the simpler path for comparison (docs/long_context.md,
+`benchmarks/long_context.py --cp`).
+Under autodiff the ring's per-step residuals keep every K/V shard that passed through (the
+backward pass of `ppermute` is a ppermute back), so training memory for the global layers'
+K/V is that of the all-gather; the saving is at inference (prefill). Causal load balance
+(zig-zag shard order) is not done: shard r computes r + 1 of the n ring steps.
+
+`for_mesh()` picks this path from the ambient mesh and logical rules
+(`sharding.rules.mesh_context`); model code calls it explicitly. Written here rather than
+taken from a library: JAX ships no ring attention, and MaxText's rejects chunked attention and
+needs T divisible by n^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from l4jax.attention import MaskSpec, attention, merge_partials, self_mask
+from l4jax.errors import ConfigError
+
+Array = jax.Array
+AxisNames = tuple[str, ...]
+EXCHANGES = ("ring", "all_gather")
+
+
+def _mesh_axes(logical: Sequence[str], rules, mesh: AbstractMesh) -> AxisNames:
+    """The mesh axes (of size > 1, in order) that `logical` axes map to under `rules`."""
+    names: list[str] = []
+    for entry in nn.logical_to_mesh_axes(tuple(logical), rules):
+        for name in (entry,) if isinstance(entry, str) else (entry or ()):
+            if mesh.shape.get(name, 1) > 1 and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _axes(names: AxisNames) -> AxisNames | None:
+    return names if names else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """Attention with the sequence split over `seq_axes` of `mesh` (see the module docstring).
+
+    `batch_axes`: mesh axes the rows are split over; `head_axes` / `kv_head_axes`: over which
+    the query / kv heads are (tensor parallelism); all are kept as they are inside shard_map.
+    """
+
+    mesh: AbstractMesh
+    seq_axes: AxisNames
+    batch_axes: AxisNames = ()
+    head_axes: AxisNames = ()
+    kv_head_axes: AxisNames = ()
+    exchange: str = "ring"
+
+    @classmethod
+    def from_rules(cls, mesh: AbstractMesh, rules, exchange: str = "ring") -> ContextParallel:
+        if exchange not in EXCHANGES:
+            raise ConfigError(
+                f"context parallelism: exchange {exchange!r}; choose from {EXCHANGES}"
+            )
+        return cls(
+            mesh,
+            seq_axes=_mesh_axes(("activation_length",), rules, mesh),
+            batch_axes=_mesh_axes(("activation_batch",), rules, mesh),
+            head_axes=_mesh_axes(("activation_heads",), rules, mesh),
+            kv_head_axes=_mesh_axes(("activation_kv_heads",), rules, mesh),
+            exchange=exchange,
+        )
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.seq_axes)
+
+    def _batch(self, b: int) -> AxisNames | None:
+        """Row axes, or none (rows replicated) when B does not split over them (decode of one
+        row on a data-parallel mesh)."""
+        size = math.prod(self.mesh.shape[a] for a in self.batch_axes)
+        return _axes(self.batch_axes) if b % size == 0 else None
+
+    def check_length(self, t: int, chunk_size: int | None) -> None:
+        """A sequence that does not divide into the shards, or shards that are not whole
+        multiples of the attention chunk, is a ConfigError naming both numbers."""
+        n = self.shards
+        if t % n:
+            raise ConfigError(
+                f"context parallelism: sequence length {t} does not divide into {n} shards "
+                f"(mesh axes {list(self.seq_axes)})"
+            )
+        if chunk_size is not None and (t // n) % chunk_size:
+            raise ConfigError(
+                f"context parallelism: shards of {t // n} tokens ({t} over {n} shards) are not "
+                f"whole multiples of attention_chunk_size {chunk_size}"
+            )
+
+    def self_attention(
+        self,
+        impl: str,
+        q_btnh: Array,
+        k_btkh: Array,
+        v_btkh: Array,
+        positions_bt: Array,
+        segments_bt: Array,
+        chunk_size: int | None,
+    ) -> Array:
+        """Causal self-attention of a sequence-sharded block -> out [B, T, N, H]."""
+        self.check_length(q_btnh.shape[1], chunk_size)
+        batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
+        q_spec = PartitionSpec(batch, seq, _axes(self.head_axes), None)
+        kv_spec = PartitionSpec(batch, seq, _axes(self.kv_head_axes), None)
+        bt_spec = PartitionSpec(batch, seq)
+        if chunk_size is not None:
+            local = functools.partial(_chunked_local, impl, chunk_size, self.seq_axes, self.shards)
+        elif self.exchange == "ring":
+            local = functools.partial(_ring_local, impl, self.seq_axes, self.shards)
+        else:
+            local = functools.partial(_gather_local, impl, self.seq_axes)
+        run = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, bt_spec, bt_spec),
+            out_specs=q_spec,
+            check_vma=False,  # the blockwise custom VJP carries no varying-axis types
+        )
+        return run(q_btnh, k_btkh, v_btkh, positions_bt.astype(jnp.int32), segments_bt)
+
+    def decode_attention(
+        self, impl: str, q_btnh: Array, k_bskh: Array, v_bskh: Array, mask: MaskSpec
+    ) -> Array | None:
+        """Flash-decoding: T query tokens over a cache of S slots split over the sequence
+        shards -> out [B, T, N, H]; None when S does not divide into the shards (the caller
+        then attends over the whole cache)."""
+        if k_bskh.shape[1] % self.shards:
+            return None
+        batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
+        q_spec = PartitionSpec(batch, None, _axes(self.head_axes), None)
+        kv_spec = PartitionSpec(batch, seq, _axes(self.kv_head_axes), None)
+        mask_spec = MaskSpec(
+            PartitionSpec(batch, None), PartitionSpec(batch, seq), PartitionSpec(batch, None),
+            PartitionSpec(batch, seq), None,
+        )  # fmt: skip
+        run = jax.shard_map(
+            functools.partial(_decode_local, impl, self.seq_axes, mask.chunk_size),
+            mesh=self.mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, tuple(mask_spec[:4])),
+            out_specs=q_spec,
+            check_vma=False,
+        )
+        return run(q_btnh, k_bskh, v_bskh, tuple(x.astype(jnp.int32) for x in mask[:4]))
+
+
+def for_mesh(exchange: str = "ring") -> ContextParallel | None:
+    """Context parallelism for the ambient mesh (`jax.set_mesh`) and logical rules, if its
+    `activation_length` axes have more than one device and are not already manual; else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or mesh.manual_axes or not rules:
+        return None
+    cp = ContextParallel.from_rules(mesh, rules, exchange)
+    return cp if cp.seq_axes else None
+
+
+# ---- per device, inside shard_map ----------------------------------------------------------
+
+
+def _shift(x: Array, axes: AxisNames, n: int) -> Array:
+    """x from the previous shard along the ring (shard r receives shard r - 1's)."""
+    return jax.lax.ppermute(x, axes, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _chunked_local(impl, chunk, axes, n, q, k, v, pos, seg) -> Array:
+    own = attention(impl, q, k, v, self_mask(pos, seg, chunk), need_lse=True)
+    with jax.named_scope("cp_halo"):
+        hk, hv, hp, hs = (_shift(x[:, -chunk:], axes, n) for x in (k, v, pos, seg))
+        hs = jnp.where(jax.lax.axis_index(axes) == 0, -1, hs)  # shard 0 has no predecessor
+        halo = attention(impl, q, hk, hv, MaskSpec(pos, hp, seg, hs, chunk), need_lse=True)
+    return merge_partials([own, halo])[0]
+
+
+def _ring_local(impl, axes, n, q, k, v, pos, seg) -> Array:
+    r = jax.lax.axis_index(axes)
+    b, t, heads, _ = q.shape
+
+    def empty():  # a later shard's keys: never visible to a causal query
+        return jnp.zeros_like(q), jnp.full((b, t, heads), -jnp.inf, jnp.float32)
+
+    acc, kv = None, (k, v, pos, seg)
+    for step in range(n):
+        kk, vv, kp, ks = kv
+        with jax.named_scope(f"cp_ring_{step}"):
+            part = jax.lax.cond(
+                (r - step) % n <= r,
+                lambda kk=kk, vv=vv, kp=kp, ks=ks: attention(
+                    impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None), need_lse=True
+                ),
+                empty,
+            )
+            acc = part if acc is None else merge_partials([acc, part])
+            if step < n - 1:
+                kv = tuple(_shift(x, axes, n) for x in kv)
+    return acc[0]
+
+
+def _gather_local(impl, axes, q, k, v, pos, seg) -> Array:
+    kk, vv, kp, ks = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v, pos, seg))
+    return attention(impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None))[0]
+
+
+def _decode_local(impl, axes, chunk, q, k, v, mask_arrays) -> Array:
+    out, lse = attention(impl, q, k, v, MaskSpec(*mask_arrays, chunk), need_lse=True)
+    m = jax.lax.pmax(lse, axes)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m)  # 0 for a shard that sees no key
+    num = jax.lax.psum(out.astype(jnp.float32) * w[..., None], axes)
+    den = jax.lax.psum(w, axes)
+    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)

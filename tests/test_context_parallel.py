@@ -1,0 +1,171 @@
+"""Context parallelism (l4jax.context_parallel) on 8 simulated devices: the sequence split over
+the `sequence` mesh axis gives the same attention, gradients, losses and tokens as unsplit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from l4jax import context_parallel
+from l4jax.attention import attention, self_mask
+from l4jax.config import preset
+from l4jax.errors import ConfigError
+from l4jax.generate import decode, make_loop, prefill
+from l4jax.model import Llama4ForCausalLM, cache_mask, init_params
+from l4jax.train import TrainConfig, train
+from sharding import make_mesh
+from sharding.rules import mesh_context
+
+TINY = preset("tiny")  # attention_chunk_size 32
+
+
+def packed_inputs(b=2, t=128, n=4, k=2, h=16, seed=0):
+    """q, k, v and packed positions / segments: documents restart at 0 mid-chunk and cross
+    the shard boundaries (t / 4 = 32 tokens per shard)."""
+    rng = np.random.default_rng(seed)
+    q, k_, v = (jnp.asarray(rng.standard_normal((b, t, m, h)), jnp.float32) for m in (n, k, k))
+    starts = [0, 21, 50, 77, 101]  # document boundaries, none on a multiple of 32
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    for i, s in enumerate(starts):
+        seg[:, s:] = i + 1
+        pos[:, s:] = np.arange(t - s)
+    seg[1] = 1  # the second row: one unpacked document
+    pos[1] = np.arange(t)
+    return q, k_, v, jnp.asarray(pos), jnp.asarray(seg)
+
+
+def cp_for(mesh_spec: str, exchange: str = "ring"):
+    mesh = make_mesh(mesh_spec)
+    with mesh_context(mesh):
+        cp = context_parallel.for_mesh(exchange)
+    return mesh, cp
+
+
+@pytest.mark.parametrize("chunk", [32, None])
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_sharded_attention_and_gradients_equal_unsharded(chunk, impl):
+    q, k, v, pos, seg = packed_inputs()
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    def whole(q, k, v):
+        return attention(impl, q, k, v, self_mask(pos, seg, chunk))[0]
+
+    (want, want_out), want_g = jax.value_and_grad(
+        lambda *a: loss(whole, *a), argnums=(0, 1, 2), has_aux=True
+    )(q, k, v)
+    exchanges = ["ring", "all_gather"] if chunk is None else ["ring"]
+    for exchange in exchanges:
+        mesh, cp = cp_for("data=2,sequence=4", exchange)
+        assert cp.seq_axes == ("sequence",) and cp.shards == 4
+
+        def split(q, k, v, cp=cp):
+            return cp.self_attention(impl, q, k, v, pos, seg, chunk)
+
+        with mesh_context(mesh):
+            (got, got_out), got_g = jax.jit(
+                jax.value_and_grad(lambda *a: loss(split, *a), argnums=(0, 1, 2), has_aux=True)
+            )(q, k, v)
+        np.testing.assert_allclose(got_out, want_out, atol=2e-6, rtol=2e-5)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for g, w in zip(got_g, want_g):
+            np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-4)
+
+
+def test_chunked_layers_without_packing_need_only_the_local_shard():
+    """Unpacked rows: each shard's attention over its own keys alone is already the answer
+    (the halo is fully masked), and a chunked layer moves no K/V but the one-chunk halo."""
+    q, k, v, _, _ = packed_inputs()
+    pos = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32), (2, 128))
+    seg = jnp.ones_like(pos)
+    want = attention("xla", q, k, v, self_mask(pos, seg, 32))[0]
+    local = [
+        attention("xla", *(x[:, i : i + 32] for x in (q, k, v)), self_mask(pos[:, i : i + 32], seg[:, i : i + 32], 32))[0]  # noqa: E501
+        for i in range(0, 128, 32)
+    ]  # fmt: skip
+    np.testing.assert_allclose(jnp.concatenate(local, axis=1), want, atol=1e-6)
+    mesh, cp = cp_for("data=2,sequence=4")
+    with mesh_context(mesh):
+        hlo = (
+            jax.jit(lambda q, k, v: cp.self_attention("xla", q, k, v, pos, seg, 32))
+            .lower(q, k, v)
+            .compile()
+            .as_text()
+        )
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    # the halo: one chunk of k, v, positions, segments from the previous shard
+    assert hlo.count("collective-permute-start") + hlo.count("collective-permute(") <= 8
+
+
+def test_bad_lengths_are_config_errors_naming_both_numbers():
+    mesh, cp = cp_for("data=2,sequence=4")
+    q, k, v, pos, seg = packed_inputs(t=96)  # 96 / 4 = 24 tokens per shard, chunk 32
+    with mesh_context(mesh), pytest.raises(ConfigError, match="shards of 24 tokens .* 32"):
+        cp.self_attention("xla", q, k, v, pos, seg, 32)
+    q, k, v, pos, seg = packed_inputs(t=90)
+    with mesh_context(mesh), pytest.raises(ConfigError, match="length 90 .* 4 shards"):
+        cp.self_attention("xla", q, k, v, pos, seg, None)
+    with pytest.raises(ConfigError, match="exchange"):
+        context_parallel.ContextParallel.from_rules(mesh, (), "ulysses")
+
+
+def test_flash_decoding_over_cache_shards_equals_whole_cache():
+    rng = np.random.default_rng(3)
+    b, s, t = 2, 64, 1
+    q = jnp.asarray(rng.standard_normal((b, t, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, 2, 16)), jnp.float32) for _ in range(2))
+    pos = jnp.asarray([[40], [9]], jnp.int32)  # row 1: left padded, sees only shard 0's slots
+    mask = cache_mask(s, jnp.int32(41), jnp.int32(40), pos, None)
+    want = attention("xla", q, k, v, mask)[0]
+    mesh, cp = cp_for("data=2,sequence=4")
+    with mesh_context(mesh):
+        got = jax.jit(lambda q, k, v: cp.decode_attention("xla", q, k, v, mask))(q, k, v)
+        assert cp.decode_attention("xla", q, k[:, :63], v[:, :63], mask) is None
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_sharded_prefill_and_decode_give_the_same_tokens():
+    model, params = Llama4ForCausalLM(TINY), init_params(TINY, 0)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, TINY.vocab_size, (2, 128))  # 4 shards of one chunk each
+    lengths = np.array([128, 100])  # row 1 left padded by 28
+    new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
+    loop = make_loop(model, 2, new, prefill_chunk=0)  # greedy
+
+    def run():
+        state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
+        return decode(loop, params, state, lengths, jax.random.key(1), ()).tokens
+
+    want = run()
+    mesh = make_mesh("data=2,sequence=4")
+    with mesh_context(mesh):
+        got = run()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_training_losses_equal_fsdp(tmp_path):
+    """`--mesh data=2,sequence=4` trains like `--mesh data=2,fsdp=4`: packed rows of 256 tokens
+    (4 shards of 64 = 2 chunks each; documents cross chunk and shard boundaries)."""
+    losses = {}
+    for spec in ("data=2,fsdp=4", "data=2,sequence=4"):
+        tc = TrainConfig(
+            steps=3, batch_size=8, seq_len=256, warmup_steps=1, save_every=100,
+            checkpoint_dir=str(tmp_path / spec), progress=False, sample_tokens=0, log_every=100,
+        )  # fmt: skip
+        losses[spec] = train(TINY, tc, mesh=make_mesh(spec), sample=False).losses
+    want, got = losses["data=2,fsdp=4"], losses["data=2,sequence=4"]
+    assert sorted(want) == sorted(got) == [1, 2, 3]
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-5)
+
+
+def test_batch_sharding_splits_the_length_over_sequence():
+    mesh = make_mesh("data=2,sequence=4")
+    with mesh_context(mesh):
+        spec = NamedSharding(mesh, PartitionSpec("data", "sequence"))
+        assert context_parallel.for_mesh().batch_axes == ("data",)
+    assert spec.num_devices == 8
