@@ -213,23 +213,23 @@ def _ring_local(impl, axes, n, q, k, v, pos, seg) -> Array:
     r = jax.lax.axis_index(axes)
     b, t, heads, _ = q.shape
 
-    def empty():  # a later shard's keys: never visible to a causal query
+    def attend(kv):
+        kk, vv, kp, ks = kv
+        return attention(impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None), need_lse=True)
+
+    def empty(kv):  # a later shard's keys: never visible to a causal query
         return jnp.zeros_like(q), jnp.full((b, t, heads), -jnp.inf, jnp.float32)
 
-    acc, kv = None, (k, v, pos, seg)
-    for step in range(n):
-        kk, vv, kp, ks = kv
-        with jax.named_scope(f"cp_ring_{step}"):
-            part = jax.lax.cond(
-                (r - step) % n <= r,
-                lambda kk=kk, vv=vv, kp=kp, ks=ks: attention(
-                    impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None), need_lse=True
-                ),
-                empty,
-            )
-            acc = part if acc is None else merge_partials([acc, part])
-            if step < n - 1:
-                kv = tuple(_shift(x, axes, n) for x in kv)
+    def step(carry, i):  # receive shard (r - i) mod n's block, attend unless it is later
+        acc, kv = carry
+        kv = tuple(_shift(x, axes, n) for x in kv)
+        part = jax.lax.cond((r - i) % n <= r, attend, empty, kv)
+        return (merge_partials([acc, part]), kv), None
+
+    # a scan, not an unrolled loop, so each step reuses the previous step's buffers
+    with jax.named_scope("cp_ring"):
+        acc = attend((k, v, pos, seg))  # the diagonal block
+        (acc, _), _ = jax.lax.scan(step, (acc, (k, v, pos, seg)), jnp.arange(1, n))
     return acc[0]
 
 

@@ -128,6 +128,7 @@ def test_flash_decoding_over_cache_shards_equals_whole_cache():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_prefill_and_decode_give_the_same_tokens():
     model, params = Llama4ForCausalLM(TINY), init_params(TINY, 0)
     rng = np.random.default_rng(0)
