@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from l4jax.attention import MaskSpec, attention, merge_partials, self_mask
+from l4jax.attention import MaskSpec, attention, merge_partials, resolve_impl, self_mask
 from l4jax.errors import ConfigError
 
 Array = jax.Array
@@ -136,7 +136,11 @@ class ContextParallel:
         chunk_size: int | None,
     ) -> Array:
         """Causal self-attention of a sequence-sharded block -> out [B, T, N, H]."""
-        self.check_length(q_btnh.shape[1], chunk_size)
+        t = q_btnh.shape[1]
+        self.check_length(t, chunk_size)
+        # the backend for the whole problem (T x T), not a shard's: `auto` must not fall back
+        # to the einsum path because a shard is short; splash returns no logsumexp to merge
+        impl = resolve_impl(impl, t, t, chunk_size is not None, need_lse=True)
         batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
         q_spec = PartitionSpec(batch, seq, _axes(self.head_axes), None)
         kv_spec = PartitionSpec(batch, seq, _axes(self.kv_head_axes), None)
