@@ -21,6 +21,14 @@ Configs (random weights, float32; chunk and floor_scale as Scout unless said):
 
     python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 65536
     python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 --torch
+
+`--cp` instead reports per-device memory of context-parallel prefill on 8 simulated CPU devices
+from XLA's compiled memory analysis (nothing runs; arguments + temporaries per device): the
+model's last-logits forward with the sequence over `sequence=8` (ring attention on NoPE
+layers, chunk-local + halo on chunked ones) against one device, and one NoPE layer's attention
+alone with ring vs all-gather K/V exchange (`l4jax.context_parallel`):
+
+    python benchmarks/long_context.py --cp --lengths 16384 65536
 """
 
 from __future__ import annotations
@@ -150,6 +158,70 @@ def measure(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+CP_CONFIG = dict(attention_chunk_size=2048, floor_scale=8192, max_position_embeddings=2**20)
+
+
+def cp_memory(lengths: list[int]) -> None:
+    """Per-device bytes (arguments + temporaries) of compiled prefill, 8 simulated devices."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from l4jax.attention import attention, self_mask
+    from l4jax.config import preset
+    from l4jax.context_parallel import ContextParallel
+    from l4jax.model import Llama4ForCausalLM, init_params
+    from sharding import make_mesh
+    from sharding.rules import mesh_context
+
+    config = preset("tiny", **CP_CONFIG)
+    model, params = Llama4ForCausalLM(config), init_params(config, 0)
+
+    def mib(compiled) -> str:
+        m = compiled.memory_analysis()
+        return f"{(m.argument_size_in_bytes + m.temp_size_in_bytes) / 2**20:.1f}"
+
+    def prefill(params, tokens):
+        return model.apply({"params": params}, tokens, method="forward", output="last_logits")[0]
+
+    print(f"config tiny, chunk {config.attention_chunk_size}, batch 1, float32, 8 CPU devices")
+    print("| tokens | prefill 1 device MiB | prefill sequence=8 MiB/device | NoPE attention "
+          "1 device MiB | ring MiB/device | all-gather MiB/device |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    mesh = make_mesh("sequence=8")
+    n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    for t in lengths:
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        one = jax.jit(prefill).lower(params, tokens).compile()
+        with mesh_context(mesh):
+            split = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+            tokens_cp = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=split)
+            cp = jax.jit(prefill).lower(params, tokens_cp).compile()
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        seg = jnp.ones_like(pos)
+        qkv = [jax.ShapeDtypeStruct((1, t, m, h), jnp.float32) for m in (n, k, k)]
+        row = [str(t), mib(one), mib(cp)]
+        mask = self_mask(pos, seg, None)
+        fn = jax.jit(lambda q, k, v, mask=mask: attention("auto", q, k, v, mask))
+        row.append(mib(fn.lower(*qkv).compile()))
+        for exchange in ("ring", "all_gather"):
+            cp_attn = ContextParallel(mesh.abstract_mesh, ("sequence",), exchange=exchange)
+            spec = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+            sharded = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec) for x in qkv]
+            with mesh_context(mesh):
+                fn = jax.jit(
+                    lambda q, k, v, cp_attn=cp_attn, pos=pos, seg=seg: cp_attn.self_attention(
+                        "auto", q, k, v, pos, seg, None
+                    )
+                )
+                row.append(mib(fn.lower(*sharded).compile()))
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -165,9 +237,15 @@ def main() -> None:
         help="forward only: compile and print XLA's memory analysis (temp, arguments, output) "
         "per length instead of running",
     )
+    parser.add_argument(
+        "--cp", action="store_true", help="per-device memory of context-parallel prefill"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cp:
+        cp_memory(args.lengths)
+        return
     if args.child:
         args.length = args.lengths[0]
         result = child(args)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax import expert_parallel, moe
+from l4jax import context_parallel, expert_parallel, moe
 from l4jax.attention import MaskSpec, attention, merge_partials, self_mask
 from l4jax.config import LayerKind, Llama4Config
 from l4jax.quantization import QArray, keep_quantized
@@ -173,6 +173,7 @@ def cached_attention(
     positions_bt: Array,
     segments_bt: Array,
     chunk_size: int | None,
+    cp: context_parallel.ContextParallel | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """T new tokens at indices cache_index.. attend to the cache and to themselves; the cache
     then stores them. One decode step (T == 1) writes first and attends over the cache; a
@@ -185,7 +186,12 @@ def cached_attention(
         k_cache = write_cache(k_cache, k_btkh, cache_index)
         v_cache = write_cache(v_cache, v_btkh, cache_index)
         mask = cache_mask(s, cache_index + 1, cache_index, positions_bt, chunk_size)
-        out, _ = attention(impl, q_btnh, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+        k_all, v_all = k_cache.astype(dtype), v_cache.astype(dtype)
+        out = None
+        if cp is not None and chunk_size is None:  # flash-decoding over the cache's shards
+            out = cp.decode_attention(impl, q_btnh, k_all, v_all, mask)
+        if out is None:
+            out, _ = attention(impl, q_btnh, k_all, v_all, mask)
         return out, {"k": k_cache, "v": v_cache}
     past = attention(
         impl,
@@ -246,12 +252,18 @@ class Attention(nn.Module):
             q = (q.astype(jnp.float32) * scale_bt[:, :, None, None]).astype(dtype)
         chunk = cfg.attention_chunk_size if self.kind.chunked else None
         impl = cfg.attention_impl
+        # the sequence split over the ambient mesh, if any (not while creating parameters,
+        # which does not depend on it and may trace a short dummy sequence)
+        cp = None if self.is_initializing() else context_parallel.for_mesh()
         if cache is not None and cache_index is not None:
             out, cache = cached_attention(
-                impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk
+                impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk, cp
             )
         else:
-            out, _ = attention(impl, q, k_, v, self_mask(positions_bt, segments_bt, chunk))
+            if cp is not None:
+                out = cp.self_attention(impl, q, k_, v, positions_bt, segments_bt, chunk)
+            else:
+                out, _ = attention(impl, q, k_, v, self_mask(positions_bt, segments_bt, chunk))
             if cache is not None:
                 cache = {"k": write_cache(cache["k"], k_, 0), "v": write_cache(cache["v"], v, 0)}
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))

@@ -298,6 +298,8 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "65536": HELP,
     "python benchmarks/long_context.py --config tiny --analysis --lengths 8192 16384 32768 65536 "
     "131072 262144": HELP,
+    "python benchmarks/long_context.py --cp": HELP,
+    "python benchmarks/long_context.py --cp --lengths 16384 65536": HELP,
     "python benchmarks/moe.py --part roofline": (
         "tests/test_docs.py::test_roofline_table_is_what_the_script_prints"
     ),
