@@ -3,7 +3,8 @@
 Field names follow Hugging Face's `Llama4TextConfig`. Per-layer structure is stored explicitly
 (`rope_layers`, `chunked_layers`, `moe_layers`) so the model never re-derives it, and so configs
 that list layers out of pattern still load. l4jax runtime settings (compute/param dtype, MoE
-backend, remat policy) live in the same dataclass but are not written to `config.json`.
+and attention backends, remat policy) live in the same dataclass but are not written to
+`config.json`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Llama4Config:
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # l4jax.attention.resolve_impl (not yet used by the model)
+    attention_impl: str = "auto"  # l4jax.attention.resolve_impl
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

@@ -11,10 +11,13 @@ the left padding) but computes temperature tuning from the padded index; see doc
 The cache (`l4jax.kv_cache`) is one `{"k", "v"}` pair of [G, B, S, K, H] arrays per scan slot:
 NoPE/global layers keep every index (S = T + N - 1), chunked RoPE layers a ring of
 S = min(attention_chunk_size, T + N - 1) slots. Sampling is `l4jax.sampling`; the command
-line, `l4jax.generate_cli`. Prefill runs the cache-free attention on the prompt and stores
-K/V; then one `jax.lax.while_loop` decodes (one token per row and iteration) until every row
-has stopped or N tokens exist. Shapes are static: B batch, T padded prompt length, N max new
-tokens, V vocab.
+line, `l4jax.generate_cli`. Prefill runs the prompt in pieces of `prefill_chunk` tokens
+(default the attention chunk size): the first piece (the remainder T % piece) attends within
+itself, every later piece attends to the cache and itself (`l4jax.model.cached_attention`) and
+is stored, and only the last position's logits are computed, so a long prompt needs the cache
+plus one piece's activations. Then one `jax.lax.while_loop` decodes (one token per row and
+iteration) until every row has stopped or N tokens exist. Shapes are static: B batch, T padded
+prompt length, N max new tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class _Loop(NamedTuple):
     chunk_aware: bool
     return_logits: bool
     stream: bool
+    prefill_chunk: int  # prompt tokens per prefill piece (0: the whole prompt at once)
 
 
 def _emit(
@@ -184,13 +188,64 @@ def _prefill(
             image_embeds_md=image_embeds,
             image_token_id=image_token_id,
         )
-    logits_btv, cache = loop.model.apply(
-        {"params": params}, tokens_bt, positions_bt, segments_bt, cache=cache, merge_embeds=merge
+    last_b1v, cache = _prefill_pieces(
+        loop, params, tokens_bt, positions_bt, segments_bt, cache, merge
     )
     buffer = jnp.full((b, t + n), loop.pad_id, jnp.int32).at[:, :t].set(tokens_bt)
     logits = jnp.zeros((b, n, config.vocab_size), jnp.float32) if loop.return_logits else None
     state = DecodeState(buffer, cache, jnp.int32(0), jnp.zeros((b,), bool), logits)
-    return _emit(loop, state, logits_btv[:, -1], key, stop_ids, sink_id)
+    return _emit(loop, state, last_b1v[:, -1], key, stop_ids, sink_id)
+
+
+def _prefill_pieces(loop, params, tokens_bt, positions_bt, segments_bt, cache, merge):
+    """-> (logits [B, 1, V] of the last prompt position, the filled cache). The first piece is
+    the T % piece remainder (or a whole piece) written from index 0; a `lax.scan` then runs the
+    remaining whole pieces, each attending to the cache, so the model compiles twice at most."""
+    model, t = loop.model, tokens_bt.shape[1]
+    piece = loop.prefill_chunk
+    if piece <= 0 or t <= piece or merge is not None:  # (images: one piece, see make_loop)
+        return model.apply(
+            {"params": params},
+            tokens_bt,
+            positions_bt,
+            segments_bt,
+            cache=cache,
+            merge_embeds=merge,
+            output="last_logits",
+            method="forward",
+        )
+    first = t % piece or piece
+    _, cache = model.apply(
+        {"params": params},
+        tokens_bt[:, :first],
+        positions_bt[:, :first],
+        segments_bt[:, :first],
+        cache=cache,
+        output="last_logits",
+        method="forward",
+    )
+    n = (t - first) // piece
+
+    def pieces(x_bt):  # [B, n * piece] -> [n, B, piece]
+        return x_bt[:, first:].reshape(x_bt.shape[0], n, piece).swapaxes(0, 1)
+
+    def step(cache, xs):
+        i, tok, pos, seg = xs
+        logits, cache = model.apply(
+            {"params": params},
+            tok,
+            pos,
+            seg,
+            cache=cache,
+            cache_index=first + i * piece,
+            output="last_logits",
+            method="forward",
+        )
+        return cache, logits
+
+    xs = (jnp.arange(n, dtype=jnp.int32), *map(pieces, (tokens_bt, positions_bt, segments_bt)))
+    cache, logits_n = jax.lax.scan(step, cache, xs)
+    return logits_n[-1], cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -213,7 +268,12 @@ def _decode(
         prev_b1 = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
         positions_b1 = (lengths_b + s.step - 1)[:, None]
         logits_b1v, cache = loop.decode_model.apply(
-            {"params": params}, prev_b1, positions_b1, cache=s.cache, cache_index=index
+            {"params": params},
+            prev_b1,
+            positions_b1,
+            cache=s.cache,
+            cache_index=index,
+            method="forward",
         )
         return _emit(loop, s._replace(cache=cache), logits_b1v[:, 0], key, stop_ids, sink_id)
 
@@ -241,7 +301,10 @@ def prefill(
     """Run the prompt, fill the cache, sample the first new token (jitted; time to first token).
 
     `image_embeds` [M, D] (`l4jax.vision`) replace the embeddings of the M `image_token_id`
-    tokens of the prompt, in row-major order."""
+    tokens of the prompt, in row-major order. A prompt longer than the model's
+    `max_position_embeddings` raises InputError (naming both numbers)."""
+    longest = int(np.max(lengths_b)) if np.size(lengths_b) else 0
+    check_positions(longest, loop.model.config.max_position_embeddings, "prefill: prompt")
     return _prefill(
         loop,
         params,
@@ -298,10 +361,17 @@ def make_loop(
     return_logits: bool = False,
     stream: bool = False,
     decode_moe_impl: str = "auto",
+    prefill_chunk: int | None = None,
 ) -> _Loop:
-    """The static description of a generation that `prefill` and `decode` compile for."""
+    """The static description of a generation that `prefill` and `decode` compile for.
+
+    `prefill_chunk`: prompt tokens per prefill piece (default the attention chunk size, 0 or
+    None without chunked layers: the whole prompt at once). Prompts with images run as one
+    piece (the image embeddings are merged into the whole prompt)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk is None:
+        prefill_chunk = model.config.attention_chunk_size or 0
     config = model.config
     pad_id = default_pad_id(config) if pad_id is None else pad_id
     impl = decode_moe_backend(config, batch, decode_moe_impl)
@@ -317,6 +387,7 @@ def make_loop(
         chunk_aware_cache,
         return_logits,
         stream,
+        int(prefill_chunk),
     )
 
 
@@ -339,6 +410,7 @@ def generate(
     decode_moe_impl: str = "auto",
     image_embeds: Any = None,
     image_token_id: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Generate up to `max_new_tokens` ids per prompt; returns ids [B, T + N] (numpy int32).
 
@@ -373,6 +445,7 @@ def generate(
         return_logits=return_logits,
         stream=on_token is not None,
         decode_moe_impl=decode_moe_impl,
+        prefill_chunk=prefill_chunk,
     )
     stops = default_stop_ids(config) if stop_ids is None else tuple(int(i) for i in stop_ids)
     key = jax.random.key(seed)

@@ -220,6 +220,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         prompt = p.add_mutually_exclusive_group(required=True)
         prompt.add_argument("--prompt", help="text to continue (<|begin_of_text|> + text)")
         prompt.add_argument(
+            "--prompt-file",
+            metavar="PATH",
+            help="UTF-8 text file to continue, for long prompts (as --prompt)",
+        )
+        prompt.add_argument(
             "--chat-json", help='file with a JSON list of {"role", "content"} messages'
         )
     where = "the first user turn" if chat else "the prompt text / first user message"
@@ -278,8 +283,18 @@ def _check_images(paths: Sequence[str]) -> None:
         load_image(path)
 
 
+def read_prompt_file(path: str) -> str:
+    """The text of a UTF-8 prompt file (ConfigError naming the file if unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the prompt file ({e})") from None
+
+
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`l4jax generate`: one completion, streamed to stdout."""
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
     messages = None if args.prompt is not None else read_chat_json(args.chat_json)
     _check_images(args.image)
     model, params, tokenizer = load_for_generation(

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax import expert_parallel, moe
+from l4jax import context_parallel, expert_parallel, moe
+from l4jax.attention import MaskSpec, attention, merge_partials, self_mask
 from l4jax.config import LayerKind, Llama4Config
 from l4jax.quantization import QArray, keep_quantized
 
@@ -112,38 +113,6 @@ def temperature_scale(config: Llama4Config, positions_bt: Array) -> Array:
     return jnp.log1p(jnp.floor((pos + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
 
 
-def attention_mask(
-    q_positions_bt: Array,
-    k_positions_bs: Array,
-    q_segments_bt: Array,
-    k_segments_bs: Array,
-    chunk_size: int | None,
-) -> Array:
-    """[B, T, S] bool: causal by position, within one segment, and within one chunk if chunked.
-
-    Positions are absolute and increase along each packed segment, so "causal by position within
-    a segment" is plain causal attention for unpacked input and packing-safe otherwise.
-    """
-    qp, kp = q_positions_bt[:, :, None], k_positions_bs[:, None, :]
-    mask = (kp <= qp) & (q_segments_bt[:, :, None] == k_segments_bs[:, None, :])
-    if chunk_size is not None:
-        mask &= (kp // chunk_size) == (qp // chunk_size)
-    return mask
-
-
-def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
-    """GQA attention: kv head j serves query heads j*G .. j*G+G-1; softmax in fp32."""
-    b, t, n, h = q_btnh.shape
-    kv_heads = k_bskh.shape[2]
-    q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return out.reshape(b, t, n, h)
-
-
 # ---- KV cache (l4jax.kv_cache): one {"k", "v"} [B, S, K, H] pair per layer ------------------
 # Index i (the i-th token of a left-padded row) lives in slot i % S. Full caches have S >= every
 # index; chunked layers only ever look back inside the current chunk, so S = attention_chunk_size
@@ -159,41 +128,84 @@ def cache_slot_indices(cache_len: int, end: Array) -> Array:
     return jnp.where(last >= 0, slot + cache_len * (last // cache_len), -1)
 
 
-def fill_cache(cache_bskh: Array, new_btkh: Array) -> Array:
-    """Prefill: store a block written from index 0, keeping its last S entries at index % S."""
+def write_cache(cache_bskh: Array, new_btkh: Array, start: Array | int) -> Array:
+    """Store indices start .. start+T-1 at slots index % S (the last S of them if T > S)."""
     s, t = cache_bskh.shape[1], new_btkh.shape[1]
     new_btkh = new_btkh.astype(cache_bskh.dtype)
-    if t <= s:
-        return jax.lax.dynamic_update_slice_in_dim(cache_bskh, new_btkh, 0, axis=1)
-    return jnp.roll(new_btkh[:, t - s :], (t - s) % s, axis=1)  # entry j -> slot (t-s+j) % s
+    if t > s:
+        new_btkh, start, t = new_btkh[:, t - s :], start + (t - s), s
+    if t == s:  # every slot is written: entry j -> slot (start + j) % s
+        return jnp.roll(new_btkh, start % s, axis=1)
+    if t == 1:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bskh, new_btkh, start % s, 1)
+    slots = (start + jnp.arange(t, dtype=jnp.int32)) % s
+    return cache_bskh.at[:, slots].set(new_btkh)
 
 
-def decode_attention(
-    q_b1nh: Array,
-    k_b1kh: Array,
-    v_b1kh: Array,
+def cache_mask(
+    cache_len: int,
+    held_end: Array,
+    cache_index: Array,
+    positions_bt: Array,
+    chunk_size: int | None,
+) -> MaskSpec:
+    """Mask of queries at indices cache_index .. cache_index+T-1 over the S cached slots, which
+    hold indices < held_end. A slot holding index i has position `p_last - (last - i)` (from
+    the last query, which is never left padding); negative positions are the row's left padding
+    and, like never-written slots, get segment -1 (never visible)."""
+    t = positions_bt.shape[1]
+    index_s = cache_slot_indices(cache_len, held_end)
+    last = cache_index + t - 1
+    k_positions_bs = positions_bt[:, -1:] - (last - index_s)[None, :]
+    valid_bs = (index_s >= 0)[None, :] & (k_positions_bs >= 0)
+    k_segments_bs = jnp.where(valid_bs, 1, -1).astype(jnp.int32)
+    q_segments_bt = jnp.ones_like(positions_bt, jnp.int32)
+    return MaskSpec(positions_bt, k_positions_bs, q_segments_bt, k_segments_bs, chunk_size)
+
+
+def cached_attention(
+    impl: str,
+    q_btnh: Array,
+    k_btkh: Array,
+    v_btkh: Array,
     cache: dict[str, Array],
     cache_index: Array,
-    positions_b1: Array,
+    positions_bt: Array,
+    segments_bt: Array,
     chunk_size: int | None,
+    cp: context_parallel.ContextParallel | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """One decode step: write k, v at slot `cache_index % S`, then attend over the cache.
-
-    A slot holding index i has position `q_pos - (cache_index - i)`; negative positions are the
-    row's left padding and, like never-written slots, are masked out.
-    """
+    """T new tokens at indices cache_index.. attend to the cache and to themselves; the cache
+    then stores them. One decode step (T == 1) writes first and attends over the cache; a
+    prefill piece (T > 1) attends to the cache and to itself separately and merges the two by
+    logsumexp, so the cache is never copied (a ring slot may be overwritten by the piece)."""
     k_cache, v_cache = cache["k"], cache["v"]
-    s = k_cache.shape[1]
-    slot = cache_index % s
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_b1kh.astype(k_cache.dtype), slot, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_b1kh.astype(v_cache.dtype), slot, 1)
-    index_s = cache_slot_indices(s, cache_index + 1)
-    k_positions_bs = positions_b1 - (cache_index - index_s)[None, :]
-    valid_bs = ((index_s >= 0)[None, :] & (k_positions_bs >= 0)).astype(jnp.int32)
-    q_segments_b1 = jnp.ones_like(positions_b1, jnp.int32)
-    mask = attention_mask(positions_b1, k_positions_bs, q_segments_b1, valid_bs, chunk_size)
-    dtype = q_b1nh.dtype
-    out = dot_product_attention(q_b1nh, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+    s, t = k_cache.shape[1], q_btnh.shape[1]
+    dtype = q_btnh.dtype
+    if t == 1:
+        k_cache = write_cache(k_cache, k_btkh, cache_index)
+        v_cache = write_cache(v_cache, v_btkh, cache_index)
+        mask = cache_mask(s, cache_index + 1, cache_index, positions_bt, chunk_size)
+        k_all, v_all = k_cache.astype(dtype), v_cache.astype(dtype)
+        out = None
+        if cp is not None and chunk_size is None:  # flash-decoding over the cache's shards
+            out = cp.decode_attention(impl, q_btnh, k_all, v_all, mask)
+        if out is None:
+            out, _ = attention(impl, q_btnh, k_all, v_all, mask)
+        return out, {"k": k_cache, "v": v_cache}
+    past = attention(
+        impl,
+        q_btnh,
+        k_cache.astype(dtype),
+        v_cache.astype(dtype),
+        cache_mask(s, cache_index, cache_index, positions_bt, chunk_size),
+        need_lse=True,
+    )
+    own_mask = self_mask(positions_bt, segments_bt, chunk_size)
+    own = attention(impl, q_btnh, k_btkh, v_btkh, own_mask, need_lse=True)
+    out, _ = merge_partials([past, own])
+    k_cache = write_cache(k_cache, k_btkh, cache_index)
+    v_cache = write_cache(v_cache, v_btkh, cache_index)
     return out, {"k": k_cache, "v": v_cache}
 
 
@@ -213,11 +225,12 @@ class Attention(nn.Module):
         rope,
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
-    ) -> Array | tuple[Array, dict[str, Array]]:
-        """-> out [B, T, D]; with a `cache`, (out, updated cache).
+    ) -> tuple[Array, dict[str, Array] | None]:
+        """-> (out [B, T, D], the updated cache or None without one).
 
         `cache` without `cache_index`: prefill (attend within the block, store it from index 0);
-        with `cache_index`: one decode step (T == 1) at that index.
+        with `cache_index`: the T tokens at indices cache_index.. (a decode step, or a piece of a
+        chunked prefill) attend to the cache and themselves and are stored.
         """
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -238,19 +251,25 @@ class Attention(nn.Module):
             scale_bt = temperature_scale(cfg, positions_bt)
             q = (q.astype(jnp.float32) * scale_bt[:, :, None, None]).astype(dtype)
         chunk = cfg.attention_chunk_size if self.kind.chunked else None
+        impl = cfg.attention_impl
+        # the sequence split over the ambient mesh, if any (not while creating parameters,
+        # which does not depend on it and may trace a short dummy sequence)
+        cp = None if self.is_initializing() else context_parallel.for_mesh()
         if cache is not None and cache_index is not None:
-            out, cache = decode_attention(q, k_, v, cache, cache_index, positions_bt, chunk)
+            out, cache = cached_attention(
+                impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk, cp
+            )
         else:
-            mask = attention_mask(positions_bt, positions_bt, segments_bt, segments_bt, chunk)
-            out = dot_product_attention(q, k_, v, mask)
+            if cp is not None:
+                out = cp.self_attention(impl, q, k_, v, positions_bt, segments_bt, chunk)
+            else:
+                out, _ = attention(impl, q, k_, v, self_mask(positions_bt, segments_bt, chunk))
             if cache is not None:
-                cache = {"k": fill_cache(cache["k"], k_), "v": fill_cache(cache["v"], v)}
+                cache = {"k": write_cache(cache["k"], k_, 0), "v": write_cache(cache["v"], v, 0)}
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
-        if cache is None:
-            return out
-        return out, {
-            name: nn.with_logical_constraint(c, KV_CACHE_AXES) for name, c in cache.items()
-        }
+        if cache is not None:
+            cache = {n_: nn.with_logical_constraint(c, KV_CACHE_AXES) for n_, c in cache.items()}
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -316,7 +335,8 @@ class MoE(nn.Module):
                 cfg.moe_impl, x_td, router.astype(dtype), cfg.num_experts_per_tok, weights
             )
         self.sow("intermediates", "tokens_per_expert", routing.tokens_per_expert)
-        self.sow("intermediates", "expert_ids", routing.expert_ids_tk)
+        if self.is_mutable_collection("expert_choices"):  # recorded for routing replay
+            self.sow("expert_choices", "expert_ids", routing.expert_ids_tk)
         if self.is_mutable_collection("losses"):  # optional router losses (l4jax.train)
             self.sow("losses", "router_z_loss", router_z_loss(routing.logits_te))
             self.sow("losses", "load_balance_loss", load_balance_loss(routing))
@@ -338,14 +358,12 @@ class DecoderLayer(nn.Module):
         cache=None,
         cache_index=None,
     ):
-        """-> x [B, T, D]; with a KV `cache`, (x, updated cache) (see `Attention`)."""
+        """-> (x [B, T, D], the updated KV cache or None) (see `Attention`)."""
         cfg = self.config
         attn_in = RMSNorm(cfg, name="input_layernorm")(x_btd)
-        attn = Attention(cfg, self.kind, name="self_attn")(
+        attn, cache = Attention(cfg, self.kind, name="self_attn")(
             attn_in, positions_bt, segments_bt, rope, cache, cache_index
         )
-        if cache is not None:
-            attn, cache = attn
         h = nn.with_logical_constraint(x_btd + attn, ACT_BTD)
         ffn_in = RMSNorm(cfg, name="post_attention_layernorm")(h)
         if self.kind.is_moe:
@@ -353,7 +371,7 @@ class DecoderLayer(nn.Module):
         else:
             ffn = MLP(cfg, cfg.intermediate_size_mlp, name="feed_forward")
         out = nn.with_logical_constraint(h + ffn(ffn_in), ACT_BTD)
-        return out if cache is None else (out, cache)
+        return out, cache
 
 
 class DecoderGroup(nn.Module):
@@ -377,12 +395,16 @@ class DecoderGroup(nn.Module):
         for slot, kind in enumerate(kinds):
             name = f"layer_{slot}"
             layer = DecoderLayer(self.config, kind, name=name)
-            if cache is None:
-                x_btd = layer(x_btd, positions_bt, segments_bt, rope)
-            else:
-                x_btd, new_cache[name] = layer(
-                    x_btd, positions_bt, segments_bt, rope, cache[name], cache_index
-                )
+            x_btd, layer_cache = layer(
+                x_btd,
+                positions_bt,
+                segments_bt,
+                rope,
+                None if cache is None else cache[name],
+                cache_index,
+            )
+            if cache is not None:
+                new_cache[name] = layer_cache
         return x_btd, new_cache
 
 
@@ -393,12 +415,22 @@ def scanned_decoder(config: Llama4Config) -> type[nn.Module]:
         body = nn.remat(body, policy=REMAT_POLICY_FNS[config.remat_policy], prevent_cse=False)
     return nn.scan(
         body,
-        variable_axes={"params": 0, "intermediates": 0, "losses": 0, LORA: 0, "routing": 0},
+        variable_axes={
+            "params": 0,
+            "intermediates": 0,
+            "losses": 0,
+            LORA: 0,
+            "routing": 0,
+            "expert_choices": 0,
+        },
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),  # cache per group
         length=config.num_hidden_layers // config.scan_period,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+OUTPUTS = ("logits", "last_logits", "hidden")
 
 
 class Llama4ForCausalLM(nn.Module):
@@ -407,15 +439,23 @@ class Llama4ForCausalLM(nn.Module):
     `positions` [B, T] (default 0..T-1) are absolute positions; `segment_ids` [B, T] (default
     all ones) separate packed sequences, which never attend to each other.
 
-    With a KV `cache` (`l4jax.kv_cache.init_cache`) the call returns `(logits, cache)`: without
-    `cache_index` it is the prefill of a fresh cache (the block is stored from index 0), with
-    `cache_index` [] int32 it is one decode step (T == 1) writing that index.
+    `method="forward"` also takes a KV cache (`l4jax.kv_cache.init_cache`) and returns
+    `(output, cache or None)` (see there).
     """
 
     config: Llama4Config
 
-    @nn.compact
     def __call__(
+        self,
+        tokens_bt: Array,
+        positions_bt: Array | None = None,
+        segment_ids_bt: Array | None = None,
+        merge_embeds: Callable[[Array], Array] | None = None,
+    ) -> Array:
+        return self.forward(tokens_bt, positions_bt, segment_ids_bt, merge_embeds=merge_embeds)[0]
+
+    @nn.compact
+    def forward(
         self,
         tokens_bt: Array,
         positions_bt: Array | None = None,
@@ -423,11 +463,24 @@ class Llama4ForCausalLM(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: Array | None = None,
         merge_embeds: Callable[[Array], Array] | None = None,
-    ) -> Array | tuple[Array, dict[str, Any]]:
+        output: str = "logits",
+    ) -> tuple[Array, dict[str, Any] | None]:
+        """-> (output, the updated KV cache or None without one).
+
+        `output`: "logits" [B, T, V] fp32; "last_logits" [B, 1, V] of the last position only
+        (prefill); "hidden" the final-normed hidden states [B, T, D] (`lm_head_weights` maps
+        them to logits, e.g. blockwise in `l4jax.losses`).
+        With a KV `cache` (`l4jax.kv_cache.init_cache`) and no `cache_index` the call is the
+        prefill of a fresh cache (the block is stored from index 0); with `cache_index` [] int32
+        the T tokens at indices cache_index.. (a decode step, or a piece of a chunked prefill)
+        attend to the cache and are written to it.
+        """
         cfg = self.config
         b, t = tokens_bt.shape
-        if cache_index is not None and (cache is None or t != 1):
-            raise ValueError(f"cache_index needs a cache and one token per row, got T={t}")
+        if cache_index is not None and cache is None:
+            raise ValueError("cache_index needs a cache")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_bt is None:
@@ -447,10 +500,21 @@ class Llama4ForCausalLM(nn.Module):
             head_dv = embed.T
         else:
             head_dv = param(self, "lm_head", (d, v), ("embed", "vocab"), fan_in_init(d))
+        if output == "hidden":
+            return x, cache
+        if output == "last_logits":
+            x = x[:, -1:]
         logits = jnp.einsum(
             "btd,dv->btv", x, head_dv.astype(x.dtype), preferred_element_type=jnp.float32
         )
-        return logits if cache is None else (logits, cache)
+        return logits, cache
+
+
+def lm_head_weights(config: Llama4Config, params: dict[str, Any]) -> Array:
+    """The output head [D, V] of `params` (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"].T
+    return params["lm_head"]
 
 
 def init_params(config: Llama4Config, rng: Array | int = 0, seq_len: int = 8) -> dict[str, Any]:

@@ -40,7 +40,8 @@ from jax.sharding import Mesh
 
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
-from l4jax.model import Llama4ForCausalLM, param_logical_axes
+from l4jax.losses import cross_entropy_sum
+from l4jax.model import Llama4ForCausalLM, lm_head_weights, param_logical_axes
 from pipelines.packing import next_token_targets
 from sharding.mesh import make_mesh
 from sharding.rules import (
@@ -178,14 +179,19 @@ def loss_terms(
     """
     tokens, segments = batch["tokens"], batch["segment_ids"]
     mutable = ["intermediates", "losses"] if with_router_losses else ["intermediates"]
-    logits_btv, state = Llama4ForCausalLM(config).apply(
-        {"params": params}, tokens, batch["positions"], segments, mutable=mutable
+    (hidden_btd, _), state = Llama4ForCausalLM(config).apply(
+        {"params": params},
+        tokens,
+        batch["positions"],
+        segments,
+        mutable=mutable,
+        method="forward",
+        output="hidden",
     )
     targets_bt, weights_bt = next_token_targets(tokens, segments)
-    with jax.named_scope("cross_entropy"):
-        logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-        target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-        ce_sum = jnp.sum((logz_bt - target_logit_bt) * weights_bt)
+    with jax.named_scope("cross_entropy"):  # in sequence blocks: no [B, T, V] fp32 logits
+        head_dv = lm_head_weights(config, params)
+        ce_sum = cross_entropy_sum(hidden_btd, head_dv, targets_bt, weights_bt)
     loads = _collect(state.get("intermediates", {}), "tokens_per_expert")
     load_le = (
         jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in loads])

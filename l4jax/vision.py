@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l4jax.attention import dot_product_attention
 from l4jax.model import (
     REMAT_POLICY_FNS,
     Llama4ForCausalLM,
     apply_rope,
-    dot_product_attention,
     fan_in_init,
     param,
 )

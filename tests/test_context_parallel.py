@@ -1,5 +1,5 @@
-"""Context parallelism (l4jax.context_parallel) on 8 simulated devices: attention over a sequence
-split on the `sequence` mesh axis gives the same outputs and gradients as unsplit."""
+"""Context parallelism (l4jax.context_parallel) on 8 simulated devices: the sequence split over
+the `sequence` mesh axis gives the same attention, gradients, losses and tokens as unsplit."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +8,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from l4jax import context_parallel
-from l4jax.attention import MaskSpec, attention, self_mask
+from l4jax.attention import attention, self_mask
+from l4jax.config import preset
+from l4jax.decoding import decode, make_loop, prefill
 from l4jax.errors import ConfigError
+from l4jax.model import Llama4ForCausalLM, cache_mask, init_params
+from l4jax.train import TrainConfig, train
 from sharding import make_mesh
 from sharding.rules import mesh_context
+
+TINY = preset("tiny")  # attention_chunk_size 32
 
 
 def packed_inputs(b=2, t=128, n=4, k=2, h=16, seed=0):
@@ -113,16 +119,49 @@ def test_flash_decoding_over_cache_shards_equals_whole_cache():
     q = jnp.asarray(rng.standard_normal((b, t, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, s, 2, 16)), jnp.float32) for _ in range(2))
     pos = jnp.asarray([[40], [9]], jnp.int32)  # row 1: left padded, sees only shard 0's slots
-    # a cache holding indices 0..40 (slot = index); row 1's first 31 indices are left padding
-    k_pos = pos[:, -1:] - (40 - jnp.arange(s, dtype=jnp.int32))[None, :]
-    k_seg = jnp.where((jnp.arange(s) <= 40)[None, :] & (k_pos >= 0), 1, -1).astype(jnp.int32)
-    mask = MaskSpec(pos, k_pos, jnp.ones_like(pos), k_seg, None)
+    mask = cache_mask(s, jnp.int32(41), jnp.int32(40), pos, None)
     want = attention("xla", q, k, v, mask)[0]
     mesh, cp = cp_for("data=2,sequence=4")
     with mesh_context(mesh):
         got = jax.jit(lambda q, k, v: cp.decode_attention("xla", q, k, v, mask))(q, k, v)
         assert cp.decode_attention("xla", q, k[:, :63], v[:, :63], mask) is None
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_prefill_and_decode_give_the_same_tokens():
+    model, params = Llama4ForCausalLM(TINY), init_params(TINY, 0)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, TINY.vocab_size, (2, 128))  # 4 shards of one chunk each
+    lengths = np.array([128, 100])  # row 1 left padded by 28
+    new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
+    loop = make_loop(model, 2, new, prefill_chunk=0)  # greedy
+
+    def run():
+        state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
+        return decode(loop, params, state, lengths, jax.random.key(1), ()).tokens
+
+    want = run()
+    mesh = make_mesh("data=2,sequence=4")
+    with mesh_context(mesh):
+        got = run()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_training_losses_equal_fsdp(tmp_path):
+    """`--mesh data=2,sequence=4` trains like `--mesh data=2,fsdp=4`: packed rows of 256 tokens
+    (4 shards of 64 = 2 chunks each; documents cross chunk and shard boundaries)."""
+    losses = {}
+    for spec in ("data=2,fsdp=4", "data=2,sequence=4"):
+        tc = TrainConfig(
+            steps=3, batch_size=8, seq_len=256, warmup_steps=1, save_every=100,
+            checkpoint_dir=str(tmp_path / spec), progress=False, sample_tokens=0, log_every=100,
+        )  # fmt: skip
+        losses[spec] = train(TINY, tc, mesh=make_mesh(spec), sample=False).losses
+    want, got = losses["data=2,fsdp=4"], losses["data=2,sequence=4"]
+    assert sorted(want) == sorted(got) == [1, 2, 3]
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-5)
 
 
 def test_batch_sharding_splits_the_length_over_sequence():

@@ -135,6 +135,7 @@ MODULE_ENTRY = "tests/test_convert.py::test_module_entry_point_reports_errors_in
 CONVERT = "tests/test_convert.py::test_hf_l4jax_hf_round_trip_is_bit_identical"
 VERIFY = "tests/test_convert.py::test_verify_meta_and_l4jax_checkpoints"
 GENERATE_CLI = "tests/test_generate.py::test_cli_generate_chat_and_errors"
+LONG_PROMPT = "tests/test_long_context.py::test_prompt_longer_than_max_positions_is_a_clear_error"
 INFERENCE_DOC = "tests/test_docs.py::test_doc_file_runs"  # [docs/inference.md]
 IMAGE_CLI = "tests/test_vision.py::test_generate_cli_with_image"
 EXTRAS = "tests/test_docs.py::test_pip_extras_named_in_the_docs_exist"
@@ -261,6 +262,7 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "l4jax chat --checkpoint DIR": (INFERENCE_DOC, GENERATE_CLI),
     'l4jax generate --checkpoint DIR --image photo.jpg --prompt "..."': IMAGE_CLI,
     'l4jax generate --preset tiny --prompt "Hi"': GENERATE_CLI,  # the same, with "Hello"
+    "l4jax generate --prompt-file PATH": LONG_PROMPT,
     # docs/conversion.md
     "l4jax convert": CONVERT,
     "l4jax verify": VERIFY,
@@ -305,6 +307,13 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/train.py --configs moe128 --batch 8 --steps 1": HELP,
     "python benchmarks/convert_memory.py --gb 4.0": HELP,
     "python benchmarks/vision.py": HELP,
+    "python benchmarks/long_context.py": HELP,
+    "python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 "
+    "65536": HELP,
+    "python benchmarks/long_context.py --config tiny --analysis --lengths 8192 16384 32768 65536 "
+    "131072 262144": HELP,
+    "python benchmarks/long_context.py --cp": HELP,
+    "python benchmarks/long_context.py --cp --lengths 16384 65536": HELP,
     "python benchmarks/moe.py --part roofline": (
         "tests/test_docs.py::test_roofline_table_is_what_the_script_prints"
     ),

@@ -122,10 +122,10 @@ class Rollouts:
         model = Llama4ForCausalLM(self.config)
         logits, state = model.apply(
             variables, rows["tokens"], rows["positions"], rows["segment_ids"],
-            mutable=["intermediates"],
+            mutable=["expert_choices"],
         )  # fmt: skip
         logp, _ = logps_from_logits(logits, rows, temperature=self.tc.sample_temperature)
-        ids = _expert_ids(state.get("intermediates", {}), rows["tokens"].shape)
+        ids = _expert_ids(state.get("expert_choices", {}), rows["tokens"].shape)
         return logp, ids
 
     def model_params(self, trainable: Any) -> Any:
@@ -204,10 +204,10 @@ class Rollouts:
         return batch, metrics
 
 
-def _expert_ids(intermediates: Any, shape_bt: tuple[int, int]) -> jax.Array:
-    """[B, T, MoE layers, k] experts chosen per token, MoE layers in depth order, from the sown
-    `expert_ids` ([groups, B*T, k] per scan slot)."""
-    layers = intermediates.get("layers", {})
+def _expert_ids(expert_choices: Any, shape_bt: tuple[int, int]) -> jax.Array:
+    """[B, T, MoE layers, k] experts chosen per token, MoE layers in depth order, from the
+    `expert_ids` sown into the `expert_choices` collection ([groups, B*T, k] per scan slot)."""
+    layers = expert_choices.get("layers", {})
     slots = sorted((k for k in layers if k.startswith("layer_")), key=lambda s: int(s[6:]))
     per_slot = []
     for slot in slots:

@@ -1,0 +1,115 @@
+"""Long context: logits vs transformers over thousands of tokens, chunked prefill, blockwise
+cross-entropy, and the long-prompt checks of `l4jax generate`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_reference import SCOUT_LIKE, build_hf_model, hf_logits, rel_err
+
+import l4jax
+from l4jax import Llama4ForCausalLM, cli, init_params, preset
+from l4jax.decoding import make_loop, prefill
+from l4jax.errors import InputError
+from l4jax.losses import cross_entropy_sum
+from l4jax.model import lm_head_weights
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.slow
+def test_logits_match_transformers_over_thousands_of_tokens(tmp_path):
+    """2,500 tokens of a Scout-like config with chunk 16 and floor_scale 16: ~150 chunks and
+    temperature floors; l4jax's blockwise attention (the `auto` choice at this length) and its
+    einsum oracle both match transformers' eager attention."""
+    hf_cfg = dict(SCOUT_LIKE, num_hidden_layers=4, max_position_embeddings=4096)
+    hf = build_hf_model(hf_cfg, seed=1)
+    hf.save_pretrained(tmp_path)
+    tokens = RNG.integers(0, 256, (1, 2500))
+    ref = hf_logits(hf, tokens)
+    for impl in ("blockwise", "xla"):
+        model, params = l4jax.from_pretrained(tmp_path, attention_impl=impl)
+        got = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
+        assert rel_err(got, ref) < 1e-4, impl
+
+
+TINY = preset("tiny", attention_chunk_size=16, floor_scale=16, attention_impl="blockwise")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Llama4ForCausalLM(TINY), init_params(TINY, rng=3)
+
+
+def test_chunked_prefill_equals_whole_prefill_and_greedy_equals_forward_argmax(tiny):
+    """Left-padded prompts crossing many chunks: prefill in pieces of 16 (the attention chunk)
+    or 40 tokens gives the whole prefill's tokens and logits, and greedy tokens are the argmax
+    of the cache-free forward over prompt + generated tokens."""
+    model, params = tiny
+    lengths = (150, 111)
+    prompts = [RNG.integers(0, TINY.vocab_size, n) for n in lengths]
+    new = 10
+    whole_ids, whole_logits = l4jax.generate(
+        model, params, prompts, new, stop_ids=(), return_logits=True, prefill_chunk=0
+    )
+    for piece in (None, 40):  # None: the attention chunk size (16)
+        ids, logits = l4jax.generate(
+            model, params, prompts, new, stop_ids=(), return_logits=True, prefill_chunk=piece
+        )
+        np.testing.assert_array_equal(ids, whole_ids)
+        np.testing.assert_allclose(logits, whole_logits, atol=1e-4)
+    t = max(lengths)
+    pad = t - np.asarray(lengths)[:, None]
+    index = np.arange(whole_ids.shape[1])[None]
+    positions, segments = np.maximum(index - pad, 0), (index >= pad).astype(np.int32)
+    ref = model.apply({"params": params}, jnp.asarray(whole_ids), positions, segments)
+    ref = np.asarray(ref)[:, t - 1 : -1]
+    np.testing.assert_array_equal(np.argmax(ref, -1), whole_ids[:, t:])
+    np.testing.assert_allclose(whole_logits, ref, atol=1e-4)
+
+
+def test_prompt_longer_than_max_positions_is_a_clear_error(tiny, tmp_path, capsys):
+    model, params = tiny
+    short = preset("tiny", max_position_embeddings=64)
+    loop = make_loop(Llama4ForCausalLM(short), 1, 4)
+    with pytest.raises(InputError, match="prompt: 65 tokens, more than the model.s max_position"):
+        prefill(loop, params, np.zeros((1, 65), np.int32), [65], jax.random.key(0), ())
+    missing = tmp_path / "nope.txt"
+    assert cli.main(["generate", "--preset", "tiny", "--prompt-file", str(missing)]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time " * 20, encoding="utf-8")
+    argv = ["generate", "--preset", "tiny", "--prompt-file", str(prompt), "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0
+
+
+def test_blockwise_cross_entropy_equals_full_logits_loss_and_gradients():
+    b, t, d, v = 2, 37, 16, 300
+    x = jnp.asarray(RNG.standard_normal((b, t, d)), jnp.float32)
+    head = jnp.asarray(RNG.standard_normal((d, v)) * 0.3, jnp.float32)
+    targets = jnp.asarray(RNG.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(RNG.integers(0, 2, (b, t)), jnp.float32)
+
+    def full(x, head):
+        logits = jnp.einsum("btd,dv->btv", x, head)
+        logz = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum((logz - tgt) * weights)
+
+    ref, ref_g = jax.value_and_grad(full, (0, 1))(x, head)
+    for block in (None, 5, 8):  # None: one block
+        got, got_g = jax.value_and_grad(cross_entropy_sum, (0, 1))(x, head, targets, weights, block)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+        for g, r in zip(got_g, ref_g):
+            np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_hidden_output_and_head_give_the_logits(tiny):
+    model, params = tiny
+    tokens = jnp.asarray(RNG.integers(0, TINY.vocab_size, (1, 40)), jnp.int32)
+    logits = model.apply({"params": params}, tokens)
+    hidden, cache = model.apply({"params": params}, tokens, method="forward", output="hidden")
+    assert cache is None
+    np.testing.assert_allclose(hidden @ lm_head_weights(TINY, params), logits, atol=1e-5)
+    last, _ = model.apply({"params": params}, tokens, method="forward", output="last_logits")
+    np.testing.assert_allclose(last[:, 0], logits[:, -1], atol=1e-5)
