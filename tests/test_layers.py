@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "model",
         (
             "l4jax.attention",
+            "l4jax.losses",
             "l4jax.context_parallel",
             "l4jax.moe",
             "l4jax.expert_parallel",
