@@ -20,8 +20,14 @@ from l4jax.vision_config import Llama4MultimodalConfig, vision_preset
 from sharding import make_mesh, parse_mesh_spec
 from sharding.rules import batch_sharding, mesh_context, shard_params, spec_for
 
-# two layers (one dense, one MoE) keep the compiles short; every parameter kind is present
-CONFIG = preset("tiny", num_experts_per_tok=2, num_hidden_layers=2)
+# two layers (one dense, one MoE) keep the compiles short; every parameter kind is present.
+# Chunks of 16 with one NoPE layer: a 32-token row crosses a chunk boundary, and on the
+# `sequence=2` mesh each shard is one whole chunk (the chunked layer runs locally plus its halo)
+# while the NoPE layer runs the ring.
+CONFIG = preset(
+    "tiny", num_experts_per_tok=2, num_hidden_layers=2, attention_chunk_size=16,
+    no_rope_layer_interval=2,
+)  # fmt: skip
 # A large Adam eps keeps the first update a smooth function of the gradient (with eps ~ 0 it
 # is sign(g) * lr, which turns fp32 reduction-order noise in near-zero gradients into lr-sized
 # differences); the comparison then holds at fp32 tolerance.

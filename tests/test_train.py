@@ -199,9 +199,14 @@ def test_train_logging_configured_once_per_process(capsys):
     loggers = [logging.getLogger(name) for name in ("l4jax", "pipelines", "sharding")]
     saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     try:
+        others = [[h for h in lg.handlers if h.get_name() != "l4jax train"] for lg in loggers]
         configure_train_logging()
         configure_train_logging()
-        assert [len(lg.handlers) for lg in loggers] == [1, 1, 1]
+        # one handler of ours per logger, and whatever else was there (pytest's, or another
+        # test's in this worker) left alone
+        ours = [[h for h in lg.handlers if h.get_name() == "l4jax train"] for lg in loggers]
+        assert [len(h) for h in ours] == [1, 1, 1]
+        assert [[h for h in lg.handlers if h not in o] for lg, o in zip(loggers, ours)] == others
         logging.getLogger("l4jax.train").info("one line")
         assert capsys.readouterr().err.count("l4jax train: one line") == 1
     finally:  # the handler writes to capsys's stream: leave the loggers as they were
