@@ -7,6 +7,7 @@ reports (`os.wait4`):
     copy                  the checkpoint's files copied (+ fsync): the I/O floor
     hf -> l4jax           `l4jax convert SRC DST` (streaming)
     hf -> l4jax, naive    every tensor loaded (`read_params`), then one Orbax save
+    hf -> l4jax int4      `l4jax convert SRC DST --quantize int4` (with `--quantize MODE`)
     l4jax -> hf           `l4jax convert DST HF --to hf` (streaming)
     l4jax -> hf, naive    every param restored, every HF tensor built, then safetensors save
     imports only          the child's fixed cost (Python, JAX, tensorstore imported)
@@ -21,7 +22,8 @@ streaming conversions run N times, interleaved, and the table gives each one's m
 (and the range of its MB/s); `--no-naive` skips the load-everything runs (they need about 3x
 the checkpoint in RAM).
 
-    python benchmarks/convert_memory.py [--gb 4.0] [--repeat 1] [--no-naive] [--workdir /tmp]
+    python benchmarks/convert_memory.py [--gb 4.0] [--repeat 1] [--no-naive] [--quantize int4]
+        [--workdir /tmp]
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ def run_task(mode: str, src: str, dst: str) -> None:
         from l4jax.convert.conversion import convert_checkpoint
 
         convert_checkpoint(src, dst, progress=False)
+    elif mode.startswith("stream_quantize_"):
+        from l4jax.convert.conversion import convert_checkpoint
+
+        convert_checkpoint(src, dst, progress=False, quantize=mode.rsplit("_", 1)[1])
     elif mode == "stream_hf":
         from l4jax.convert.conversion import convert_checkpoint
 
@@ -231,6 +237,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of copy and streaming")
     parser.add_argument("--no-naive", action="store_true", help="skip load-everything runs")
     parser.add_argument("--workdir", default="/tmp", help="where the checkpoints are written")
+    parser.add_argument(
+        "--quantize", choices=("int4", "int8", "fp8"), help="also hf -> l4jax quantized"
+    )
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -251,10 +260,22 @@ def main() -> None:
             ("copy (+fsync)", "copy", src, work / "copy"),
             ("hf -> l4jax", "stream_l4jax", src, l4),
             ("hf -> l4jax, naive", "naive_l4jax", src, work / "naive_l4jax"),
+            *(
+                [
+                    (
+                        f"hf -> l4jax {args.quantize}",
+                        f"stream_quantize_{args.quantize}",
+                        src,
+                        work / "q",
+                    )
+                ]
+                if args.quantize
+                else []
+            ),
             ("l4jax -> hf", "stream_hf", l4, work / "hf_out"),
             ("l4jax -> hf, naive", "naive_hf", l4, work / "naive_hf"),
         ]
-        repeated = ("copy", "stream_l4jax", "stream_hf")
+        repeated = ("copy", "stream_l4jax", "stream_hf", f"stream_quantize_{args.quantize}")
         results: dict[str, list[dict]] = {}
         for i in range(args.repeat):
             for label, mode, a, b in runs:
@@ -314,6 +335,12 @@ def report(all_runs: dict[str, list[dict]], nbytes: int) -> None:
             f"(target < 25%), throughput {copy / stream['seconds']:.2f}x of the copy's "
             f"(target >= 0.5x; median runs), {fastest['copy (+fsync)'] / stream['seconds']:.2f}x "
             f"of the fastest copy's{vs_naive}"
+        )
+    for label in (label for label in results if label.startswith("hf -> l4jax ")):
+        r = results[label]
+        print(
+            f"{label} (quantizing): streaming peak RSS {r['peak_rss'] / nbytes:.1%} of the bf16 "
+            f"checkpoint (target < 25%), throughput {copy / r['seconds']:.2f}x of the copy's"
         )
 
 

@@ -43,7 +43,13 @@ def _convert(args: argparse.Namespace) -> int:
     # a terminated conversion unwinds like Ctrl-C: its partial directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     r = convert_checkpoint(
-        args.src, args.dst, to=args.to, dtype=args.dtype, allow_unexpected=args.allow_unexpected
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        allow_unexpected=args.allow_unexpected,
+        quantize=args.quantize,
+        dequantize=args.dequantize,
     )
     for line in r.skipped:
         print(f"l4jax convert: skipped {line}", file=sys.stderr)
@@ -96,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unexpected",
         action="store_true",
         help="leave out stored tensors the model does not use (listed) instead of failing",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8", "fp8"),
+        help="write a quantized l4jax checkpoint (docs/quantization.md), quantizing as it streams",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="convert a quantized l4jax checkpoint with its weights dequantized (needed for it)",
     )
     p.set_defaults(run=_convert)
 

@@ -270,6 +270,16 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "l4jax verify SRC [--tokens 128]": VERIFY,
     "python -m l4jax convert ...": MODULE_ENTRY,
     "python benchmarks/convert_memory.py [--gb 4.0]": HELP,
+    "l4jax convert Llama-4-Scout-17B-16E-Instruct scout-int4 --quantize int4": (
+        "tests/test_quantized_checkpoint.py::test_quantized_checkpoint_holds_the_quantized_leaves"
+    ),
+    "l4jax convert scout-int4 scout-hf-bf16 --to hf --dequantize": (
+        "tests/test_quantized_checkpoint.py::"
+        "test_quantized_checkpoint_exports_to_hf_only_with_dequantize"
+    ),
+    "l4jax convert SRC DST --quantize int4": (
+        "tests/test_quantized_checkpoint.py::test_quantized_checkpoint_holds_the_quantized_leaves"
+    ),
     # docs/inference.md
     "l4jax generate": GENERATE_CLI,
     "l4jax chat": GENERATE_CLI,
@@ -306,6 +316,7 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/train.py --configs moe128 --steps 1": HELP,
     "python benchmarks/train.py --configs moe128 --batch 8 --steps 1": HELP,
     "python benchmarks/convert_memory.py --gb 4.0": HELP,
+    "python benchmarks/convert_memory.py --gb 4.0 --no-naive --quantize int4": HELP,
     "python benchmarks/vision.py": HELP,
     "python benchmarks/long_context.py": HELP,
     "python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 "

@@ -327,21 +327,3 @@ def test_generate_cli_quantize(capsys, caplog):
     assert main([*args, "--temperature", "0", "--quantize", "int4"]) == 0
     assert capsys.readouterr().out.strip()
     assert "quantized to int4" in caplog.text
-
-
-def test_prequantized_hf_checkpoint_is_refused_by_name(hf_checkpoint, tmp_path):
-    """Maverick's FP8 release layout: compressed-tensors "float-quantized" in config.json."""
-    import json
-    import shutil
-
-    path = tmp_path / "fp8"
-    shutil.copytree(hf_checkpoint, path)
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "ignore": ["re:.*self_attn.*", "re:.*router.*", "lm_head"],
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(l4jax.errors.CheckpointError, match="compressed-tensors.*float-quantized"):
-        l4jax.from_pretrained(path)

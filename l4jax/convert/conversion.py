@@ -30,6 +30,7 @@ from l4jax.convert.export import HFWriter
 from l4jax.convert.formats import open_streaming
 from l4jax.convert.mapping import check_source, model_entries
 from l4jax.convert.orbax import L4jaxWriter
+from l4jax.convert.quantized import check_mode
 from l4jax.convert.streaming import atomic_directory, numpy_dtype, transfer
 from l4jax.errors import CheckpointError, ConfigError
 from l4jax.vision_config import with_runtime
@@ -63,6 +64,8 @@ def convert_checkpoint(
     dtype: Any = None,
     progress: bool = True,
     allow_unexpected: bool = False,
+    quantize: str | None = None,
+    dequantize: bool = False,
 ) -> ConversionResult:
     """Convert checkpoint `src` (HF, Meta or l4jax) into a new directory `dst`, streaming.
 
@@ -70,14 +73,31 @@ def convert_checkpoint(
     dtype (default: the source's, so a round trip is bit-identical). Stored tensors the model
     does not use raise CheckpointError, unless `allow_unexpected`: then they are left out and
     listed in the result's `skipped`.
+
+    `quantize` (int4, int8, fp8: `l4jax.quantize`'s modes) writes a quantized l4jax checkpoint,
+    each piece quantized as it streams through. A quantized l4jax source converts only with
+    `dequantize` (its weights dequantized to its stored dtype); otherwise a CheckpointError.
     """
     if to not in TARGETS:
         raise ConfigError(f"to: expected one of {TARGETS}, got {to!r}")
     src, dst = Path(src), Path(dst)
     if dst.exists() or dst.is_symlink():
         raise CheckpointError(f"{dst}: already exists (converting never overwrites)")
+    if quantize is not None and to != "l4jax":
+        raise ConfigError(f"quantize={quantize!r} writes an l4jax checkpoint, not to={to!r}")
     source, src_format, config = open_streaming(src)
     try:
+        check_mode(config, quantize)
+        stored_mode = getattr(source, "quantization", None)
+        if stored_mode is not None and not dequantize:
+            raise CheckpointError(
+                f"{src}: quantized l4jax checkpoint ({stored_mode}); pass --dequantize to "
+                "convert it with its weights dequantized"
+            )
+        if stored_mode is not None and quantize is not None:
+            raise ConfigError(
+                f"{src}: already {stored_mode}-quantized; quantize the unquantized checkpoint"
+            )
         entries = model_entries(config)
         skipped = check_source(source, config, entries, allow_unexpected)
         for line in skipped:
@@ -86,11 +106,15 @@ def convert_checkpoint(
         name = str(jnp.dtype(target))
         config = with_runtime(config, dtype=name, param_dtype=name)
         kind = "multimodal" if hasattr(config, "vision") else "text"
-        log.info("converting %s (%s, %s) to %s (%s, %s)", src, src_format, kind, dst, to, name)
+        what = name if quantize is None else f"{name}, {quantize}"
+        log.info("converting %s (%s, %s) to %s (%s, %s)", src, src_format, kind, dst, to, what)
         start = time.perf_counter()
         try:
             with atomic_directory(dst) as tmp:
-                writer = (L4jaxWriter if to == "l4jax" else HFWriter)(tmp, config, target)
+                if to == "l4jax":
+                    writer = L4jaxWriter(tmp, config, target, quantize)
+                else:
+                    writer = HFWriter(tmp, config, target)
                 desc = f"{src_format} -> {to}"
                 nbytes = transfer(source, entries, writer, target, desc, progress)
         except CheckpointError:
@@ -100,6 +124,7 @@ def convert_checkpoint(
     finally:
         source.close()
     seconds = time.perf_counter() - start
+    dst_dtype = name if quantize is None else f"{name}, {quantize}"
     return ConversionResult(
-        src, dst, src_format, to, name, len(entries), nbytes, seconds, tuple(skipped)
+        src, dst, src_format, to, dst_dtype, len(entries), nbytes, seconds, tuple(skipped)
     )

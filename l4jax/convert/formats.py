@@ -18,6 +18,7 @@ from typing import Any
 
 from l4jax.config import Llama4Config
 from l4jax.convert.hf import HFCheckpoint, HFMultimodalCheckpoint, StreamingHF, is_hf_dir
+from l4jax.convert.hf_fp8 import FP8Source
 from l4jax.convert.mapping import TensorSource
 from l4jax.convert.orbax import L4jaxCheckpoint, is_l4jax_dir
 from l4jax.errors import CheckpointError
@@ -74,7 +75,16 @@ def open_checkpoint(path: str | os.PathLike, text_only: bool = True) -> TensorSo
     if fmt.name == "l4jax":
         return L4jaxCheckpoint(path)
     if fmt.name == "hf":
-        return HFMultimodalCheckpoint(path) if vision else HFCheckpoint(path)
+        ckpt = HFMultimodalCheckpoint(path) if vision else HFCheckpoint(path)
+        if not ckpt.fp8:
+            return ckpt
+        if vision:
+            ckpt.close()
+            raise CheckpointError(
+                f"{path}: an FP8 (compressed-tensors) checkpoint loads its text model only: "
+                "from_pretrained(path, text_only=True)"
+            )
+        return FP8Source(ckpt)
     from l4jax.convert.meta import MetaCheckpoint  # torch: only for Meta checkpoints
 
     return MetaCheckpoint(path, vision=vision)
@@ -99,6 +109,11 @@ def open_streaming(path: str | os.PathLike) -> tuple[TensorSource, str, Any]:
     try:
         if isinstance(ckpt, L4jaxCheckpoint):
             return ckpt, "l4jax", ckpt.config()
+        if getattr(ckpt, "fp8", False):
+            raise CheckpointError(
+                f"{path}: an FP8 (compressed-tensors) checkpoint: `l4jax convert` does not read "
+                "it; load it with from_pretrained(path, text_only=True)"
+            )
         config = source_config(ckpt, fmt.multimodal)
     except BaseException:
         ckpt.close()

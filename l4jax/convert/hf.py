@@ -33,19 +33,38 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
-def check_quantization_config(config_file: Path, hf: dict[str, Any]) -> None:
-    """Pre-quantized HF checkpoints (e.g. Maverick's FP8 release, compressed-tensors
-    "float-quantized") are not read yet: a one-line error naming the scheme, not missing
-    tensors. Quantize a bf16 checkpoint while loading instead (`quantize=`)."""
+def fp8_scheme(config_file: Any, hf: dict[str, Any]) -> bool:
+    """True for a compressed-tensors "float-quantized" config of 8-bit float weights with
+    per-channel scales; False without a `quantization_config`; a CheckpointError naming any
+    other scheme (this reader knows no other)."""
     qc = hf.get("quantization_config") or hf.get("text_config", {}).get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        fmt = qc.get("format", "") if isinstance(qc, dict) else ""
-        raise CheckpointError(
-            f"{config_file}: quantization_config (quant_method {method!r}"
-            f"{f', format {fmt!r}' if fmt else ''}) is not supported; load the bf16 checkpoint "
-            "with from_pretrained(path, quantize='fp8' | 'int4' | 'int8') instead"
+    if not qc:
+        return False
+    method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+    fmt = qc.get("format", "") if isinstance(qc, dict) else ""
+    groups = qc.get("config_groups") if isinstance(qc, dict) else None
+    weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
+    supported = (
+        method == "compressed-tensors"
+        and fmt == "float-quantized"
+        and bool(weights)
+        and all(
+            isinstance(w, dict)
+            and w.get("type") == "float"
+            and w.get("num_bits") == 8
+            and w.get("strategy") == "channel"
+            for w in weights
         )
+    )
+    if not supported:
+        what = f"quant_method {method!r}" + (f", format {fmt!r}" if fmt else "")
+        raise CheckpointError(
+            f"{config_file}: quantization_config ({what}) is not supported: l4jax reads "
+            "compressed-tensors 'float-quantized' checkpoints with 8-bit float weights and "
+            "per-channel scales (Maverick's FP8 release); load a bf16 checkpoint with "
+            "from_pretrained(path, quantize='fp8' | 'int4' | 'int8') instead"
+        )
+    return True
 
 
 class HFCheckpoint:
@@ -63,7 +82,8 @@ class HFCheckpoint:
                 self._hf_config: dict[str, Any] = json.load(f)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
-        check_quantization_config(config_file, self._hf_config)
+        # a compressed-tensors FP8 checkpoint (`hf_fp8.FP8Source` reads it); others raise
+        self.fp8 = fp8_scheme(config_file, self._hf_config)
         self._handles: dict[str, Any] = {}
         self._unaccounted: list[str] = []  # tensors and files the index does not account for
         self._files = self._tensor_files()
@@ -195,6 +215,7 @@ _SAFETENSORS_NUMPY = {
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
 
 

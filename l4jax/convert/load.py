@@ -32,7 +32,7 @@ from l4jax.convert.mapping import (
 from l4jax.convert.orbax import restore_params
 from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM
-from l4jax.quantization import MODES, host_buffer, write_slice
+from l4jax.quantization import MODES, host_buffer, quantized_leaves, write_slice
 from l4jax.quantization import quantize as quantize_params
 from l4jax.vision import Llama4ForConditionalGeneration
 from l4jax.vision_config import checkpoint_dtype
@@ -69,6 +69,11 @@ def load_entries(
         else host_buffer(path, shape, target, config, quantize)
         for path, shape in entry_shapes(entries).items()
     }
+    if quantize == "fp8" and getattr(source, "fp8", False):  # float8 experts copied as stored
+        direct = [e for e in entries if source.is_fused(e.hf_key)]
+        for entry in direct:
+            source.fill_fp8(entry, host, config)
+        entries = [e for e in entries if e not in direct]
     slices = iter_slices(source, entries, target)
     total = sum(len(e.slots) for e in entries)
     for slot, array in tqdm(
@@ -104,9 +109,12 @@ def from_pretrained(
     `remat_policy`) pass through `runtime`. A multimodal checkpoint (HF `vision_config`, Meta
     `vision_args`, l4jax `vision_config`) gives `l4jax.vision.Llama4ForConditionalGeneration`,
     or with `text_only` the text model `Llama4ForCausalLM` (its vision tensors are not read).
-    An l4jax checkpoint (`l4jax convert`) is restored with Orbax (`restore_params`).
+    An l4jax checkpoint (`l4jax convert`) is restored with Orbax (`restore_params`); a
+    quantized one (`l4jax convert --quantize`) with its quantized weights as stored.
     `quantize` (int4, int8, fp8: `l4jax.quantize`) quantizes the text model's weights, layer by
-    layer while reading a Hugging Face or Meta checkpoint (docs/quantization.md).
+    layer while reading a Hugging Face or Meta checkpoint (docs/quantization.md). A Hugging
+    Face FP8 checkpoint (compressed-tensors "float-quantized", as Maverick's FP8 release) loads
+    as `quantize="fp8"`, its float8 experts copied as stored (`l4jax.convert.hf_fp8`).
     """
     if quantize is not None and quantize not in MODES:
         raise ConfigError(f"quantize={quantize!r}: choose one of {', '.join(MODES)}")
@@ -114,8 +122,14 @@ def from_pretrained(
     if fmt.name == "l4jax":
         config, params = restore_params(path, dtype=dtype, text_only=text_only, **runtime)
         if not hasattr(config, "vision"):
-            if quantize is not None:
+            stored = {q.mode for _, q in quantized_leaves(params)}
+            if quantize is not None and not stored:
                 params = quantize_params(params, config, quantize)
+            elif quantize is not None and stored != {quantize}:
+                raise ConfigError(
+                    f"{path}: quantize={quantize!r}, but the checkpoint is quantized in "
+                    f"{'/'.join(sorted(stored))} (it loads as stored without quantize=)"
+                )
             return Llama4ForCausalLM(config), params
         _text_only_quantize(path, quantize)
         return Llama4ForConditionalGeneration(config), params
@@ -123,6 +137,13 @@ def from_pretrained(
     if multimodal:
         _text_only_quantize(path, quantize)
     source = open_checkpoint(path, text_only=not multimodal)
+    if getattr(source, "fp8", False):  # a compressed-tensors FP8 release: fp8 params as stored
+        if quantize not in (None, "fp8"):
+            raise ConfigError(
+                f"{path}: an FP8 checkpoint loads as quantize='fp8', not {quantize!r} "
+                "(its weights are float8 already)"
+            )
+        quantize = "fp8"
     name = str(jnp.dtype(dtype)) if dtype is not None else checkpoint_dtype(source.hf_config())
     config = source_config(source, multimodal, **{"dtype": name, "param_dtype": name, **runtime})
     if multimodal:

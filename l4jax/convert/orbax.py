@@ -21,20 +21,42 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
 from l4jax.convert import hostmem
 from l4jax.convert.mapping import Entry, Slot, get_path, model_entries, param_shapes, set_path
+from l4jax.convert.quantized import (
+    FIELDS,
+    as_qarrays,
+    check_mode,
+    checkpoint_mode,
+    config_dict,
+    dequantize_piece,
+    quantize_piece,
+    quantized_struct,
+    scale_sharding,
+    stored_arrays,
+)
+from l4jax.convert.zarr_layout import (
+    array_name,
+    array_spec,
+    chunk_blocks,
+    raw_zarr,
+    row_block_of,
+    scale_chunks,
+    tree_metadata,
+    write_json,
+    zarr_dtype,
+)
 from l4jax.errors import CheckpointError, ConfigError, read_json_object
+from l4jax.quantization import QArray
 from l4jax.vision_config import model_config, with_runtime
 
 CONFIG_FILE = "config.json"
@@ -45,7 +67,6 @@ METADATA_FILE = "_METADATA"  # Orbax's PyTree metadata (format_utils.PYTREE_META
 CHUNK_BYTES = 16 * 2**20
 MAX_PENDING_BYTES = 64 * 2**20  # chunk bytes being written (and fsynced) before we wait
 WRITE_THREADS = 2
-_DICT_KEY = 2  # Orbax's KeyType.DICT in _METADATA
 
 ParamPath = tuple[str, ...]
 
@@ -55,9 +76,9 @@ def is_l4jax_dir(path: str | os.PathLike) -> bool:
     return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR / METADATA_FILE).is_file()
 
 
-def array_name(path: ParamPath) -> str:
-    """Orbax's on-disk name of a param: its dict keys joined by '.'."""
-    return ".".join(path)
+def _slot_index(slot: Slot, rows: slice) -> tuple[Any, ...]:
+    """Index of a slot's region (HF rows `rows` of it) in its stored array."""
+    return (rows,) if slot.group is None else (slot.group, rows)
 
 
 def chunk_shape(
@@ -85,32 +106,6 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
-def zarr_dtype(dtype: Any) -> str:
-    dtype = np.dtype(dtype)
-    return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
-
-
-def _array_spec(params_dir: Path, name: str, use_ocdbt: bool, use_zarr3: bool) -> dict[str, Any]:
-    """The tensorstore spec Orbax uses for param `name` (both of its layouts)."""
-    if use_ocdbt:
-        kvstore = {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}", "path": name}
-    else:
-        kvstore = {"driver": "file", "path": str(params_dir.absolute() / name)}
-    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore}
-
-
-def _slot_index(slot: Slot, rows: slice) -> tuple[Any, ...]:
-    """Index of a slot's region (HF rows `rows` of it) in its stored array."""
-    return (rows,) if slot.group is None else (slot.group, rows)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ---- writing ----------------------------------------------------------------------------------
 
 
@@ -123,36 +118,42 @@ class L4jaxWriter:
     (C-order bytes, zarr v2's `i.j.k` keys), are written here straight from the piece (a chunk
     that is not one contiguous block of it is gathered into a reused buffer first), with
     O_DIRECT where possible (`hostmem.write_file`), and fsynced, by background threads.
+    With `quantize` (a mode of `l4jax.quantization`), the weights it quantizes are quantized
+    piece by piece and stored as their values and scales (`l4jax.convert.quantized`).
     `finish()` waits for the syncs, then writes Orbax's metadata and `config.json` last: a
     directory whose conversion did not finish has neither.
     """
 
-    def __init__(self, dst: Path, config: Any, dtype: Any):
+    def __init__(self, dst: Path, config: Any, dtype: Any, quantize: str | None = None):
+        check_mode(config, quantize)
         self.dst = Path(dst)
         self.config = config
-        self.dtype = np.dtype(dtype)
+        self.quantize = quantize
         self._params_dir = self.dst / PARAMS_DIR
         self._params_dir.mkdir(parents=True)
-        self._shapes = param_shapes(config)
+        self._arrays = stored_arrays(config, dtype, quantize)
         stacked = {s.path: s.group is not None for e in model_entries(config) for s in e.slots}
         context = ts.Context()
-        self._chunks = {
-            path: self._create(path, shape, stacked[path], context)
-            for path, shape in self._shapes.items()
-        }
+        self._chunks: dict[ParamPath, tuple[int, ...]] = {}
+        for path, (shape, array_dtype) in self._arrays.items():
+            param = path if path in stacked else path[:-1]
+            chunks = chunk_shape(shape, array_dtype.itemsize, stacked[param])
+            if path[-1] == "scale" and param != path:  # chunked along its values' leading axes
+                qvalue = param + ("qvalue",)
+                chunks = scale_chunks(shape, self._arrays[qvalue][0], self._chunks[qvalue])
+            self._chunks[path] = self._create(path, shape, array_dtype, chunks, context)
         self._writes = hostmem.Writes(WRITE_THREADS, MAX_PENDING_BYTES)
 
     def _create(
-        self, path: ParamPath, shape: tuple[int, ...], stacked: bool, context: ts.Context
+        self, path: ParamPath, shape: tuple[int, ...], dtype: np.dtype, chunks, context
     ) -> tuple[int, ...]:
         """Create the empty array; returns its chunk shape."""
-        spec = _array_spec(self._params_dir, array_name(path), use_ocdbt=False, use_zarr3=False)
-        chunks = chunk_shape(shape, self.dtype.itemsize, stacked)
+        spec = array_spec(self._params_dir, array_name(path), use_ocdbt=False, use_zarr3=False)
         spec.update(
             metadata={
                 "shape": list(shape),
                 "chunks": list(chunks),
-                "dtype": zarr_dtype(self.dtype),
+                "dtype": zarr_dtype(dtype),
                 "compressor": None,
                 "fill_value": None,
                 "order": "C",
@@ -161,21 +162,23 @@ class L4jaxWriter:
             create=True,
         )
         ts.open(spec, context=context).result()
-        return chunks
+        return tuple(chunks)
 
     def row_block(self, entry: Entry) -> int:
         """Rows of `entry` per stored chunk: HF row pieces must be multiples of it."""
-        return _row_block(self._chunks, entry)
+        return row_block_of(self._chunks, entry)
 
     def write(self, entry: Entry, rows: slice, piece: np.ndarray) -> None:
         for slot, part in zip(entry.slots, entry.split(piece)):
-            directory = self._params_dir / array_name(slot.path)
-            blocks = _chunk_blocks(self._chunks[slot.path], slot, rows, part)
-            if blocks is None:
-                raise CheckpointError(f"{directory}: a write of {part.shape} cuts chunks")
-            for key, block in blocks:
-                data = hostmem.contiguous(block, self.dtype, for_direct_write=True)
-                self._write_file(directory / key, data)
+            for path, data in quantize_piece(slot.path, part, self.config, self.quantize):
+                directory = self._params_dir / array_name(path)
+                blocks = chunk_blocks(self._chunks[path], slot, rows, data)
+                if blocks is None:
+                    raise CheckpointError(f"{directory}: a write of {data.shape} cuts chunks")
+                dtype = self._arrays[path][1]
+                for key, block in blocks:
+                    block = hostmem.contiguous(block, dtype, for_direct_write=True)
+                    self._write_file(directory / key, block)
 
     def _write_file(self, file: Path, data: np.ndarray) -> None:
         self._writes.submit(lambda: hostmem.write_file(file, data), data.nbytes, file)
@@ -185,58 +188,13 @@ class L4jaxWriter:
 
     def finish(self) -> None:
         self._writes.close()
-        for path in self._shapes:  # the chunk files' directory entries
+        for path in self._arrays:  # the chunk files' directory entries
             hostmem.fsync_path(self._params_dir / array_name(path))
-        _write_json(self._params_dir / METADATA_FILE, tree_metadata(self._shapes))
-        _write_json(self.dst / CONFIG_FILE, self.config.to_hf_dict())
+        shapes = {path: shape for path, (shape, _) in self._arrays.items()}
+        write_json(self._params_dir / METADATA_FILE, tree_metadata(shapes))
+        write_json(self.dst / CONFIG_FILE, config_dict(self.config, self.quantize))
         hostmem.fsync_path(self._params_dir)  # (the array directories and _METADATA)
         hostmem.fsync_path(self.dst)  # (params/ and config.json)
-
-
-def _row_block(chunks: dict[ParamPath, tuple[int, ...]], entry: Entry) -> int:
-    """HF rows of `entry` per stored chunk (the lcm over its slots)."""
-    return math.lcm(*(chunks[s.path][int(s.group is not None)] for s in entry.slots))
-
-
-def _chunk_blocks(
-    chunk: tuple[int, ...], slot: Slot, rows: slice, part: np.ndarray
-) -> Iterator[tuple[str, np.ndarray]] | None:
-    """(zarr v2 chunk key `i.j.k`, the view of `part` it holds) for each chunk of the region
-    (HF rows `rows` of `slot`) that `part` fills; None when the region cuts chunks."""
-    origin = [rows.start or 0] + [0] * (part.ndim - 1)
-    if slot.group is not None:
-        part, origin = part[None], [slot.group, *origin]
-    if any(o % c or n % c for o, n, c in zip(origin, part.shape, chunk)):
-        return None
-    return (
-        (
-            ".".join(str(o // c + i) for o, c, i in zip(origin, chunk, index)),
-            part[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk))],
-        )
-        for index in np.ndindex(*(n // c for n, c in zip(part.shape, chunk)))
-    )
-
-
-def tree_metadata(shapes: dict[ParamPath, tuple[int, ...]]) -> dict[str, Any]:
-    """Orbax's `_METADATA` for a tree of jax.Arrays saved without OCDBT in zarr v2."""
-    tree = {
-        str(path): {
-            "key_metadata": [{"key": key, "key_type": _DICT_KEY} for key in path],
-            "value_metadata": {
-                "value_type": "jax.Array",
-                "skip_deserialize": False,
-                "write_shape": list(shape),
-            },
-        }
-        for path, shape in shapes.items()
-    }
-    return {
-        "tree_metadata": tree,
-        "use_ocdbt": False,
-        "use_zarr3": False,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -265,9 +223,13 @@ class L4jaxCheckpoint:
             self._config = model_config(self._hf_config)
         except ConfigError as e:
             raise CheckpointError(f"{config_file}: {e}") from None
+        # the quantization mode (None: not quantized); a quantized weight reads dequantized
+        self.quantization = checkpoint_mode(self._hf_config, config_file)
         self._entries = {e.hf_key: e for e in model_entries(self._config)}
         self._arrays = self._open_arrays()
-        stored = str(jnp.dtype(self.dtype(next(iter(self._entries)))))
+        first = model_entries(self._config)[0].slots[0].path  # (embeddings: never quantized)
+        self._float_dtype = np.dtype(self._arrays[first].dtype.numpy_dtype)
+        stored = str(jnp.dtype(self._float_dtype))
         self._config = with_runtime(self._config, dtype=stored, param_dtype=stored)
 
     def _open_arrays(self) -> dict[ParamPath, Any]:
@@ -286,7 +248,8 @@ class L4jaxCheckpoint:
         use_zarr3 = bool(metadata.get("use_zarr3"))
         # every chunk was written (as Orbax): a missing one is an error, not zeros
         every_chunk = bool(metadata.get("store_array_data_equal_to_fill_value"))
-        expected = param_shapes(self._config)
+        layout = stored_arrays(self._config, np.float32, self.quantization)
+        expected = {path: shape for path, (shape, _) in layout.items()}
         missing = [p for p in expected if p not in stored]
         if missing:
             raise CheckpointError(
@@ -309,9 +272,10 @@ class L4jaxCheckpoint:
         self._chunks: dict[ParamPath, tuple[int, ...]] = {}
         self._raw: set[ParamPath] = set()  # arrays of raw chunk files `_read` reads itself
         context = ts.Context()
+        param_shapes_ = param_shapes(self._config)
         for path, shape in expected.items():
             name = array_name(path)
-            spec = _array_spec(self._params_dir, name, use_ocdbt, use_zarr3)
+            spec = array_spec(self._params_dir, name, use_ocdbt, use_zarr3)
             spec["fill_missing_data_reads"] = not every_chunk
             try:
                 array = ts.open(spec, open=True, read=True, context=context).result()
@@ -324,17 +288,23 @@ class L4jaxCheckpoint:
                     f"{self._params_dir / name}: array has shape {tuple(array.shape)}, "
                     f"{CONFIG_FILE} implies {shape}"
                 )
+            want = layout[path][1]
+            if path[-1] in FIELDS and path not in param_shapes_ and array.dtype.numpy_dtype != want:
+                raise CheckpointError(
+                    f"{self._params_dir / name}: {array.dtype.numpy_dtype} array, "
+                    f"{self.quantization} stores {want}"
+                )
             arrays[path] = array
             self._chunks[path] = tuple(array.chunk_layout.read_chunk.shape)
             meta = array.spec().to_json().get("metadata", {})
-            raw = _raw_zarr(meta, array.dtype.numpy_dtype)
+            raw = raw_zarr(meta, array.dtype.numpy_dtype)
             if every_chunk and not (use_ocdbt or use_zarr3) and raw:  # (else: fill values)
                 self._raw.add(path)
         return arrays
 
     def row_block(self, entry: Entry) -> int:
         """HF rows of `entry` per stored chunk: row pieces of multiples of it read whole chunks."""
-        return _row_block(self._chunks, entry)
+        return row_block_of(self._chunks, entry)
 
     def config(self, **runtime: Any) -> Any:
         """The stored config (`Llama4Config`, or `Llama4MultimodalConfig` when config.json has a
@@ -361,7 +331,11 @@ class L4jaxCheckpoint:
         return self._entry(key).hf_shape
 
     def dtype(self, key: str) -> np.dtype:
-        return np.dtype(self._arrays[self._entry(key).slots[0].path].dtype.numpy_dtype)
+        """The stored dtype of `key` (of a quantized weight: the dtype it reads dequantized in)."""
+        path = self._entry(key).slots[0].path
+        if path not in self._arrays:
+            return self._float_dtype
+        return np.dtype(self._arrays[path].dtype.numpy_dtype)
 
     def get(self, key: str) -> np.ndarray:
         return self._read(key, slice(None))
@@ -386,7 +360,10 @@ class L4jaxCheckpoint:
         for slot, view in zip(entry.slots, views):
             if not np.may_share_memory(view, out):  # a copy: the mapping's layouts never make one
                 raise CheckpointError(f"{key}: its layout splits into copies, not views")
-            blocks = _chunk_blocks(self._chunks[slot.path], slot, rows, view)
+            if slot.path not in self._arrays:  # quantized
+                view[...] = self._read_dequantized(slot, rows, key)
+                continue
+            blocks = chunk_blocks(self._chunks[slot.path], slot, rows, view)
             if slot.path in self._raw and blocks is not None:
                 self._read_chunks(slot, blocks, key)
                 continue
@@ -399,6 +376,18 @@ class L4jaxCheckpoint:
                 where = self._params_dir / array_name(slot.path)
                 raise CheckpointError(f"{where}: unreadable data for {key!r} ({e})") from None
         return out
+
+    def _read_dequantized(self, slot: Slot, rows: slice, key: str) -> np.ndarray:
+        """The weights of a quantized slot's region, dequantized to the checkpoint's dtype."""
+        parts = []
+        for field in FIELDS:
+            path = slot.path + (field,)
+            try:
+                parts.append(self._arrays[path][_slot_index(slot, rows)].read().result())
+            except ValueError as e:
+                where = self._params_dir / array_name(path)
+                raise CheckpointError(f"{where}: unreadable data for {key!r} ({e})") from None
+        return dequantize_piece(*parts, self._float_dtype)
 
     def _read_chunks(self, slot: Slot, blocks: Iterator[tuple[str, np.ndarray]], key: str):
         """Read each chunk file into its block (a strided block: copied out of the file's map)."""
@@ -418,19 +407,6 @@ class L4jaxCheckpoint:
         self._arrays.clear()
 
 
-def _raw_zarr(meta: dict[str, Any], dtype: np.dtype) -> bool:
-    """zarr v2 metadata of raw C-order chunk files under `i.j.k` keys, in this host's order."""
-    return (
-        meta.get("zarr_format") == 2
-        and meta.get("compressor") is None
-        and not meta.get("filters")
-        and meta.get("order", "C") == "C"
-        and meta.get("dimension_separator", ".") == "."
-        and meta.get("dtype") == zarr_dtype(dtype)
-        and sys.byteorder == "little"
-    )
-
-
 def restore_params(
     path: str | os.PathLike,
     shardings: Any = None,
@@ -443,7 +419,10 @@ def restore_params(
     `(Llama4MultimodalConfig, {"language_model": ..., "vision_model": ..., ...})`).
 
     `shardings`: None (every param on the first device), one `jax.sharding.Sharding` for all
-    params, or a tree of them shaped like the params; each device reads only its slice.
+    params, or a tree of them shaped like the params; each device reads only its slice. A
+    quantized checkpoint (`l4jax convert --quantize`) restores its quantized weights as
+    `QArray`s; their tree entry is a `QArray` of two shardings or the weight's one (the scale
+    then gets the same mesh axes except on its size-1 dims).
     `dtype`: stored dtype of the restored params (default: the checkpoint's), also the config's
     compute dtype unless `runtime` says otherwise; other runtime fields pass to the config.
     `text_only`: of a multimodal checkpoint, the text model alone, `(config.text,
@@ -455,6 +434,7 @@ def restore_params(
     stored = ckpt.dtype(ckpt.keys()[0])
     name = str(jnp.dtype(dtype if dtype is not None else stored))
     config = ckpt.config(**{"dtype": name, "param_dtype": name, **runtime})
+    mode = ckpt.quantization
     stray = ckpt.unaccounted()
     ckpt.close()
     if stray:
@@ -468,8 +448,21 @@ def restore_params(
     restore_args: dict[str, Any] = {}
     for param, shape in param_shapes(config).items():
         sharding = _sharding_of(shardings, param)
-        args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=jnp.dtype(name))
-        set_path(restore_args, prefix + param, args)
+        q = quantized_struct(param, shape, name, config, mode)
+        if q is None:
+            args = ocp.ArrayRestoreArgs(
+                sharding=sharding, global_shape=shape, dtype=jnp.dtype(name)
+            )
+            set_path(restore_args, prefix + param, args)
+            continue
+        if not isinstance(sharding, QArray):  # the weight's: its scale's follows
+            sharding = QArray(sharding, scale_sharding(sharding, q))
+        for field in FIELDS:
+            leaf = getattr(q, field)
+            args = ocp.ArrayRestoreArgs(
+                sharding=getattr(sharding, field), global_shape=leaf.shape, dtype=leaf.dtype
+            )
+            set_path(restore_args, prefix + param + (field,), args)
     params_dir = Path(path).absolute() / PARAMS_DIR
     partial = {"item": restore_args, "partial_restore": True} if prefix else {}
     restore = ocp.args.PyTreeRestore(restore_args=restore_args, **partial)
@@ -478,10 +471,11 @@ def restore_params(
     except Exception as e:  # Orbax/tensorstore failures (missing chunks, I/O) in many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{params_dir}: restore failed ({reason})") from e
-    return config, get_path(params, prefix)
+    return config, as_qarrays(get_path(params, prefix), config, mode)
 
 
-def _sharding_of(shardings: Any, param: ParamPath) -> jax.sharding.Sharding:
+def _sharding_of(shardings: Any, param: ParamPath) -> Any:
+    """The sharding of `param` (of a quantized one: one for the weight, or a `QArray` of two)."""
     if isinstance(shardings, jax.sharding.Sharding):
         return shardings
     try:
