@@ -15,16 +15,24 @@ A run directory looks like
 
 Saves are asynchronous (the training loop continues while arrays are written), atomic (Orbax
 writes to a temporary directory and renames it when every host is done, so a run killed
-mid-save leaves the previous checkpoint intact) and keep the last `keep` steps. Restoring takes
-target shardings, so a checkpoint saved on one mesh restores onto any other (resharding).
+mid-save leaves the previous checkpoint intact) and keep the last `keep` steps. A save that
+fails (a full disk) is a one-line `CheckpointError` naming the directory, the step and the
+cause, raised at the next save or at the end of the run; the unfinished step's temporary
+directory is removed, so a rerun resumes from the last complete step. Restoring takes target
+shardings, so a checkpoint saved on one mesh restores onto any other (resharding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +107,19 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._saving: int | None = None  # the step of the save in flight, if any
+        # Orbax's writer threads log their exception before it is re-raised to us; we report it
+        # as one CheckpointError line (`_failed`), so that log record is dropped while we run
+        # (and asyncio's, for the other writes of that save). When a write fails, TensorStore
+        # also completes the other writes' futures on an event loop Orbax has already closed:
+        # each is an unraisable `Event loop is closed` (hundreds of tracebacks for one full
+        # disk). Both are dropped until a clean close(); after a failure, until exit.
+        self._failure = False
+        self._quiet = _DropOrbaxThreadErrors()
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self._quiet)
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._drop_closed_loop
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -116,9 +137,12 @@ class TrainCheckpointer:
         }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-        if saved and jax.process_index() == 0:
-            log.info("checkpoint: saving step %d to %s", step, self.directory)
+        with self._failed():
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._saving = step
+            if jax.process_index() == 0:
+                log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
@@ -145,7 +169,9 @@ class TrainCheckpointer:
 
     def _stamp_config(self) -> None:
         """config.json into every finished step directory (after Orbax renamed it in place)."""
-        self.manager.wait_until_finished()
+        with self._failed():
+            self.manager.wait_until_finished()
+        self._saving = None
         if self.config is None or jax.process_index() != 0:
             return
         for step in self.manager.all_steps():
@@ -159,11 +185,63 @@ class TrainCheckpointer:
     def close(self) -> None:
         try:
             self._stamp_config()
-            self.manager.close()
         finally:
+            try:
+                self.manager.close()
+            except (ValueError, OSError, RuntimeError):
+                pass  # the save's failure was raised above; closing re-reports it
+            if self._failure and jax.process_index() == 0:
+                # the unfinished step, once Orbax's threads are done with it (a rerun's
+                # CheckpointManager would remove it too: cleanup_tmp_directories)
+                for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            if not self._failure:
+                for name in ("absl", "asyncio"):
+                    logging.getLogger(name).removeFilter(self._quiet)
+                if sys.unraisablehook == self._drop_closed_loop:
+                    sys.unraisablehook = self._unraisable
             if self._lock is not None:
                 os.close(self._lock)  # (releases the flock)
                 self._lock = None
+
+    def _drop_closed_loop(self, unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self._unraisable(unraisable)
+
+    @contextlib.contextmanager
+    def _failed(self) -> Iterator[None]:
+        """A failed asynchronous save (surfacing at the next Orbax call) -> CheckpointError
+        naming the directory, the step and the cause (e.g. `File too large` for a full disk);
+        `close()` removes the step's temporary directory; earlier complete steps are untouched."""
+        try:
+            yield
+        except (ValueError, OSError, RuntimeError) as e:
+            step, self._saving, self._failure = self._saving, None, True
+            last = self.manager.latest_step()
+            resume = f"a rerun resumes from step {last}" if last is not None else "no step saved"
+            raise CheckpointError(
+                f"{self.directory}: saving checkpoint step {step} failed ({_cause(e)}); {resume}"
+            ) from e
+
+
+class _DropOrbaxThreadErrors(logging.Filter):
+    """Drops Orbax's ERROR records about a failed background save (the same failure is re-raised
+    to the caller, which reports it once as a CheckpointError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        where = record.pathname + record.getMessage()  # (asyncio's names the orbax coroutine)
+        return not (record.levelno >= logging.ERROR and "orbax" in where)
+
+
+def _cause(e: BaseException) -> str:
+    """The operating system's reason inside an Orbax/TensorStore error (`File too large`,
+    `No space left on device`), else the error's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    found = re.findall(r": ([A-Z][^:\[\]]*?) \[os_error_code", text)
+    return found[-1] if found else text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # ---- run directory metadata ------------------------------------------------------------------

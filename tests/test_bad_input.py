@@ -196,6 +196,33 @@ def test_kill_9_in_the_middle_of_a_save_resumes_from_the_last_complete_step(tmp_
     assert f"steps {done[-1] + 1}..4" in rerun.stdout, rerun.stdout
 
 
+TRAIN = "import sys; from l4jax.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_training_checkpoint_save(tmp_path):
+    """Orbax's background save fails on a full disk: one line naming the directory, step and
+    cause, exit 2, the unfinished step removed; once space is back the rerun trains and saves."""
+    run, config = tmp_path / "run", tmp_path / "config.json"
+    l4jax.preset("tiny", num_hidden_layers=1).to_json_file(config)  # (a short compile)
+    argv = [
+        "train", "--config", str(config), "--steps", "1", "--batch-size", "8", "--seq-len", "16",
+        "--checkpoint-dir", str(run), "--sample-tokens", "0", "--no-progress",
+    ]  # fmt: skip
+    full = run_python(TRAIN, *argv, limit_bytes=100_000)  # the metrics fit, the arrays do not
+    assert full.returncode == 2, full.stderr
+    err = full.stderr.strip().splitlines()
+    assert err[-1] == (
+        f"l4jax train: error: {run}: saving checkpoint step 1 failed (File too large); "
+        "no step saved"
+    ), full.stderr
+    assert all(line.startswith("l4jax train: ") for line in err), full.stderr  # no traceback
+    assert sorted(p.name for p in run.iterdir() if "orbax" in p.name or p.name.isdigit()) == []
+    rerun = run_python(TRAIN, *argv)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (run / "1" / "config.json").is_file()
+
+
 # ---- conversion faults and corrupt checkpoints ------------------------------------------------
 
 
