@@ -34,13 +34,18 @@ alone with ring vs all-gather K/V exchange (`l4jax.context_parallel`):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -75,75 +80,106 @@ def child(args: argparse.Namespace) -> dict:
     from l4jax.config import preset
 
     config = preset("tiny", **CONFIGS[args.config])
+    if args.save:  # the shared random weights, as a Hugging Face checkpoint
+        from l4jax.torch_ref import build_hf_model
+
+        build_hf_model(config.to_hf_dict(), seed=0).save_pretrained(args.save)
+        return {}
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.length))
-    if args.side == "l4jax":
-        return l4jax_run(config, tokens, args.mode, args.analysis)
-    return torch_run(config, tokens, args.mode)
+    if args.analysis:
+        return l4jax_analysis(config, tokens)
+    run = l4jax_run if args.side == "l4jax" else torch_run
+    result = run(args.weights, tokens, args.mode, args.new_tokens)
+    if args.warm:  # the same call again: compiled (l4jax), allocator warm (both)
+        again = run(args.weights, tokens, args.mode, args.new_tokens)
+        result = dict(again, first_s=result["seconds"], compile_s=result.get("compile_s"))
+    return result
 
 
-def l4jax_run(config, tokens, mode: str, analysis: bool = False) -> dict:
+def l4jax_analysis(config, tokens) -> dict:
+    """XLA's own accounting of the compiled forward; nothing executes."""
+    import jax
+    import jax.numpy as jnp
+
+    from l4jax import Llama4ForCausalLM, init_params
+
+    model, params = Llama4ForCausalLM(config), init_params(config, rng=0)
+    start = time.perf_counter()
+    apply = jax.jit(model.apply).lower({"params": params}, jnp.asarray(tokens, jnp.int32))
+    mem = apply.compile().memory_analysis()
+    return dict(
+        compile_s=time.perf_counter() - start,
+        temp_gb=mem.temp_size_in_bytes / 1e9,
+        argument_gb=mem.argument_size_in_bytes / 1e9,
+        output_gb=mem.output_size_in_bytes / 1e9,
+    )
+
+
+def l4jax_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import l4jax
-    from l4jax import Llama4ForCausalLM, init_params
 
-    model = Llama4ForCausalLM(config)
-    params = init_params(config, rng=0)
-    tokens = jnp.asarray(tokens, jnp.int32)
+    model, params = l4jax.from_pretrained(weights, dtype="float32")
     if mode == "forward":  # compiled ahead of time, so one timed execution suffices
+        tokens = jnp.asarray(tokens, jnp.int32)
         start = time.perf_counter()
         apply = jax.jit(model.apply).lower({"params": params}, tokens).compile()
         compile_s = time.perf_counter() - start
-        if analysis:  # XLA's own accounting of the compiled forward; nothing executes
-            mem = apply.memory_analysis()
-            sizes = dict(
-                temp_gb=mem.temp_size_in_bytes / 1e9,
-                argument_gb=mem.argument_size_in_bytes / 1e9,
-                output_gb=mem.output_size_in_bytes / 1e9,
-            )
-            return dict(compile_s=compile_s, **sizes)
         start = time.perf_counter()
         out = np.asarray(apply({"params": params}, tokens)[0, -1])
         seconds = time.perf_counter() - start
-        return dict(seconds=seconds, compile_s=compile_s, result=out.tolist())
-    start = time.perf_counter()  # prefill: one run, compilation included
-    ids = l4jax.generate(model, params, np.asarray(tokens), 1, stop_ids=())
+        return dict(seconds=seconds, compile_s=compile_s, logits=out.tolist())
+    start = time.perf_counter()  # prefill: one `generate` call, compilation included
+    ids, logits = l4jax.generate(
+        model, params, np.asarray(tokens), new_tokens, stop_ids=(), return_logits=True
+    )
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, compile_s=None, result=int(ids[0, -1]))
+    new = ids[0, tokens.shape[1] :].tolist()
+    return dict(seconds=seconds, tokens=new, logits=np.asarray(logits[0, 0]).tolist())
 
 
-def torch_run(config, tokens, mode: str) -> dict:
+def torch_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
     import numpy as np
     import torch
-
-    from l4jax.torch_ref import build_hf_model
+    import transformers
 
     torch.set_num_threads(2)
-    hf = build_hf_model(config.to_hf_dict(), seed=0)
-    hf.config._attn_implementation = "sdpa"
+    hf = transformers.Llama4ForCausalLM.from_pretrained(
+        weights, torch_dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     ids = torch.from_numpy(tokens.astype(np.int64))
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "forward":
-            out = hf(input_ids=ids, use_cache=False).logits[0, -1].numpy().tolist()
-        else:
-            out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=1,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, -1].item()
-    return dict(seconds=time.perf_counter() - start, result=out)
+            out = hf(input_ids=ids, use_cache=False).logits[0, -1]
+            return dict(seconds=time.perf_counter() - start, logits=out.numpy().tolist())
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    seconds = time.perf_counter() - start
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    return dict(seconds=seconds, tokens=new, logits=out.logits[0][0].float().numpy().tolist())
 
 
 def measure(
     config: str, mode: str, side: str, length: int, timeout: float, extra: list | None = None
 ) -> dict:
+    """One child run; adds the 1-minute load average before and after (shared machine)."""
     cmd = [sys.executable, __file__, "--child", "--config", config, "--mode", mode]
     cmd += ["--side", side, "--lengths", str(length), *(extra or [])]
+    if "--analysis" not in cmd:
+        cmd += ["--weights", weights_dir(config, timeout)]
+    load = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as err:
         try:
             proc = subprocess.run(
@@ -155,7 +191,23 @@ def measure(
             err.seek(0)
             lines = err.read().strip().splitlines()
             return dict(error=lines[-1] if lines else f"exit {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, load=f"{load:.1f}-{os.getloadavg()[0]:.1f}")
+
+
+_WEIGHTS: dict[str, str] = {}
+
+
+def weights_dir(config: str, timeout: float) -> str:
+    """A temporary Hugging Face checkpoint of `config`'s random weights (made once, in a child
+    with torch), which both sides load: same weights on both sides."""
+    if config not in _WEIGHTS:
+        path = tempfile.mkdtemp(prefix=f"l4jax-bench-{config}-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        cmd = [sys.executable, __file__, "--child", "--config", config, "--save", path]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+        _WEIGHTS[config] = path
+    return _WEIGHTS[config]
 
 
 CP_CONFIG = dict(attention_chunk_size=2048, floor_scale=8192, max_position_embeddings=2**20)
@@ -163,8 +215,6 @@ CP_CONFIG = dict(attention_chunk_size=2048, floor_scale=8192, max_position_embed
 
 def cp_memory(lengths: list[int]) -> None:
     """Per-device bytes (arguments + temporaries) of compiled prefill, 8 simulated devices."""
-    import os
-
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
     import jax
@@ -230,6 +280,15 @@ def main() -> None:
     parser.add_argument(
         "--torch", action="store_true", help="also run transformers (sdpa) at each length"
     )
+    parser.add_argument(
+        "--new-tokens", type=int, default=1, help="prefill: tokens to generate (greedy)"
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="time a second identical call in the same process (l4jax: compiled; both: "
+        "allocator warm); the first call's time is printed too",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child run")
     parser.add_argument(
         "--analysis",
@@ -242,6 +301,8 @@ def main() -> None:
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cp:
         cp_memory(args.lengths)
@@ -264,35 +325,37 @@ def main() -> None:
             cells = [r["temp_gb"], r["argument_gb"], r["output_gb"], r["compile_s"], r["peak_gb"]]
             print(f"| {length} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
         return
-    print(f"config {args.config}, {args.mode}, batch 1, float32, CPU")
-    print("| tokens | l4jax s | l4jax peak GB | transformers s | transformers peak GB | ratio |")
-    print("|---|---|---|---|---|---|")
+    extra = ["--new-tokens", str(args.new_tokens)] + (["--warm"] if args.warm else [])
+    what = f"{args.mode}" + (f", {args.new_tokens} new tokens" if args.mode == "prefill" else "")
+    timing = "second call (first call in brackets)" if args.warm else "one call"
+    print(f"config {args.config}, {what}, batch 1, float32, CPU; seconds: {timing}")
+    print(
+        "| tokens | l4jax s | l4jax peak GB | load | transformers s | transformers peak GB "
+        "| load | transformers / l4jax | logits max abs diff | same tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
-        ours = measure(args.config, args.mode, "l4jax", length, args.timeout)
-        theirs = (
-            measure(args.config, args.mode, "torch", length, args.timeout) if args.torch else {}
-        )
+        sides = [measure(args.config, args.mode, "l4jax", length, args.timeout, extra)]
+        if args.torch:
+            sides.append(measure(args.config, args.mode, "torch", length, args.timeout, extra))
         row = [str(length)]
-        row += (
-            [f"{ours['seconds']:.2f}", f"{ours['peak_gb']:.2f}"]
-            if "seconds" in ours
-            else [
-                ours["error"],
-                "",
-            ]
-        )
-        if theirs:
-            row += (
-                [f"{theirs['seconds']:.2f}", f"{theirs['peak_gb']:.2f}"]
-                if "seconds" in theirs
-                else [theirs["error"], ""]
-            )
-            both = "seconds" in ours and "seconds" in theirs
-            row.append(f"{theirs['seconds'] / ours['seconds']:.2f}x" if both else "")
-            if both and args.mode == "prefill" and ours["result"] != theirs["result"]:
-                row[-1] += " (first new token differs)"
+        for r in sides:
+            if "error" in r:
+                row += [r["error"], "", r["load"] if "load" in r else ""]
+                continue
+            first = f" ({r['first_s']:.2f})" if "first_s" in r else ""
+            row += [f"{r['seconds']:.2f}{first}", f"{r['peak_gb']:.2f}", r["load"]]
+        row += [""] * (1 + 3 * 2 - len(row))
+        if len(sides) == 2 and all("seconds" in r for r in sides):
+            ours, theirs = sides
+            row.append(f"{theirs['seconds'] / ours['seconds']:.2f}x")
+            diff = np.max(np.abs(np.subtract(ours["logits"], theirs["logits"])))
+            row.append(f"{diff:.2e} (logits up to {np.max(np.abs(theirs['logits'])):.1f})")
+            row.append(str(ours.get("tokens") == theirs.get("tokens")) if "tokens" in ours else "")
         else:
             row += ["", "", ""]
+        if "tokens" in sides[0]:
+            row[-1] = f"{row[-1]} {sides[0]['tokens']}".strip()
         print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from l4jax import context_parallel
 from l4jax.config import Llama4Config
 from l4jax.inputs import check_positions, check_token_ids
 from l4jax.kv_cache import init_cache
@@ -175,7 +176,10 @@ def _prefill(
     config = loop.model.config
     b, t = tokens_bt.shape
     n = loop.max_new_tokens
-    cache = init_cache(config, b, t + n - 1, chunk_aware=loop.chunk_aware)
+    # under context parallelism the global layers' caches split over the sequence shards
+    cp = context_parallel.for_mesh()
+    shards = 1 if cp is None else cp.shards
+    cache = init_cache(config, b, t + n - 1, chunk_aware=loop.chunk_aware, multiple=shards)
     index_t = jnp.arange(t, dtype=jnp.int32)
     pad_b = t - lengths_b
     positions_bt = jnp.maximum(index_t[None, :] - pad_b[:, None], 0)

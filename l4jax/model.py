@@ -119,6 +119,14 @@ def temperature_scale(config: Llama4Config, positions_bt: Array) -> Array:
 # (a ring) suffices. The position of a cached key is recovered from the query's position.
 
 KV_CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+# global (NoPE) layers' caches hold the whole sequence: their length may be split over devices
+# (context parallelism: the `sequence` axis) and decoding merges the shards' partial softmaxes
+GLOBAL_KV_CACHE_AXES = ("cache_batch", "cache_global_length", "cache_kv_heads", "cache_head_dim")
+
+
+def kv_cache_axes(chunked: bool) -> tuple[str, ...]:
+    """Logical axes of one layer's [B, S, K, H] cache (chunked layers' rings stay whole)."""
+    return KV_CACHE_AXES if chunked else GLOBAL_KV_CACHE_AXES
 
 
 def cache_slot_indices(cache_len: int, end: Array) -> Array:
@@ -268,7 +276,8 @@ class Attention(nn.Module):
                 cache = {"k": write_cache(cache["k"], k_, 0), "v": write_cache(cache["v"], v, 0)}
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
         if cache is not None:
-            cache = {n_: nn.with_logical_constraint(c, KV_CACHE_AXES) for n_, c in cache.items()}
+            axes = kv_cache_axes(self.kind.chunked)
+            cache = {n_: nn.with_logical_constraint(c, axes) for n_, c in cache.items()}
         return out, cache
 
 

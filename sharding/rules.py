@@ -60,7 +60,8 @@ FSDP: Rules = (
     ("vision_positions", None),
     # KV cache
     ("cache_batch", _BATCH),
-    ("cache_length", None),
+    ("cache_length", None),  # chunked layers' rings: one chunk, kept whole
+    ("cache_global_length", "sequence"),  # global layers: flash-decoding over the shards
     ("cache_kv_heads", "tensor"),
     ("cache_head_dim", None),
 )

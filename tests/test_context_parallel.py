@@ -139,13 +139,18 @@ def test_sharded_prefill_and_decode_give_the_same_tokens():
 
     def run():
         state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
-        return decode(loop, params, state, lengths, jax.random.key(1), ()).tokens
+        return decode(loop, params, state, lengths, jax.random.key(1), ())
 
     want = run()
     mesh = make_mesh("data=2,sequence=4")
     with mesh_context(mesh):
         got = run()
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    # the global layer's cache (slot 3) is split over rows (data) and length (sequence): each
+    # device holds 1/8 of it; the chunked layers' rings only over rows
+    for slot, per_device in (("layer_3", 8), ("layer_0", 2)):
+        k = got.cache[slot]["k"]
+        assert {s.data.nbytes for s in k.addressable_shards} == {k.nbytes // per_device}, slot
 
 
 @pytest.mark.slow
