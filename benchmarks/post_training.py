@@ -18,7 +18,8 @@ import jax
 
 from l4jax.config import preset
 from l4jax.post import PostConfig, make_task
-from l4jax.train import TrainConfig, Trainer
+from l4jax.train_config import LoggingConfig, SampleConfig, TrainConfig
+from l4jax.train_step import Trainer
 from pipelines import ByteTokenizer, to_global_array
 from sharding import make_mesh
 
@@ -32,7 +33,7 @@ def run_sft(config, batch: int, seq: int, steps: int, lora_rank: int) -> dict:
     post = PostConfig(lora_rank=lora_rank, lora_targets=("attention", "shared_expert"))
     tc = TrainConfig(
         steps=steps + 1, batch_size=batch, seq_len=seq, task="sft", post=post,
-        progress=False, sample_tokens=0,
+        logging=LoggingConfig(progress=False), sample=SampleConfig(tokens=0),
     )  # fmt: skip
     trainer = _trainer(config, tc)
     state = trainer.init(0)
@@ -62,7 +63,7 @@ def run_grpo(config, batch: int, steps: int, generations: int, new_tokens: int) 
     post = PostConfig(num_generations=generations, max_new_tokens=new_tokens, lora_rank=8)
     tc = TrainConfig(
         steps=steps + 1, batch_size=batch, seq_len=64, task="grpo", post=post,
-        progress=False, sample_tokens=0, sample_temperature=1.0,
+        logging=LoggingConfig(progress=False), sample=SampleConfig(tokens=0, temperature=1.0),
     )  # fmt: skip
     trainer = _trainer(config, tc)
     state = trainer.init(0)

@@ -118,11 +118,16 @@ def greedy(model, params, prompt_bt: np.ndarray, new: int) -> np.ndarray:
 
 
 def part_quality(args) -> None:
-    from l4jax.train import TrainConfig, train
+    from l4jax.train import train
+    from l4jax.train_config import CheckpointConfig, LoggingConfig, TrainConfig
     from pipelines import tokenizer_for
 
     config = preset("demo")
-    tc = TrainConfig(steps=args.train_steps, progress=False, async_checkpoint=False)
+    tc = TrainConfig(
+        steps=args.train_steps,
+        checkpoint=CheckpointConfig(async_save=False),
+        logging=LoggingConfig(progress=False),
+    )
     start = time.perf_counter()
     result = train(config, tc, sample=False)
     losses = result.losses

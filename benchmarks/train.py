@@ -48,13 +48,17 @@ def run_l4jax(name: str, layers: int | None, batch: int, seq: int, steps: int) -
     import jax.numpy as jnp
     import numpy as np
 
-    from l4jax.train import TrainConfig, Trainer
+    from l4jax.train_config import OptimizerConfig, TrainConfig
+    from l4jax.train_step import Trainer
     from sharding import make_mesh
 
     config = _config(name, layers)
     tc = TrainConfig(
-        batch_size=batch, seq_len=seq, learning_rate=LR, warmup_steps=0, b1=B1, b2=B2, eps=EPS,
-        weight_decay=WD, clip_norm=CLIP,
+        batch_size=batch, seq_len=seq,
+        optimizer=OptimizerConfig(
+            learning_rate=LR, warmup_steps=0, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
+            clip_norm=CLIP,
+        ),
     )  # fmt: skip
     trainer = Trainer(config, tc, make_mesh("", devices=jax.devices()[:1]))
     state = trainer.init(seed=0)

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(run=_merge_lora)
 
-    from l4jax.train import add_train_arguments, run_cli
+    from l4jax.train_cli import add_train_arguments, run_cli
 
     p = sub.add_parser("train", help="train a preset/config on text (default: the demo MoE)")
     add_train_arguments(p)

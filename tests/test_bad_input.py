@@ -22,7 +22,8 @@ from l4jax.checkpoint import lock_run_dir
 from l4jax.cli import main
 from l4jax.convert.conversion import convert_checkpoint
 from l4jax.errors import CheckpointError, ConfigError, InputError
-from l4jax.train import TrainConfig, train
+from l4jax.train import train
+from l4jax.train_config import CheckpointConfig, TrainConfig
 from pipelines import ByteTokenizer, DataConfig, make_dataset
 from pipelines.sources import open_source
 
@@ -112,7 +113,9 @@ def test_training_sequence_longer_than_max_position_embeddings(tmp_path, capsys)
 def test_tokenizer_larger_than_the_model(tmp_path):
     from l4jax.tokenizer import Tokenizer
 
-    tc = TrainConfig(steps=1, batch_size=8, seq_len=32, checkpoint_dir=str(tmp_path / "run"))
+    tc = TrainConfig(
+        steps=1, batch_size=8, seq_len=32, checkpoint=CheckpointConfig(str(tmp_path / "run"))
+    )
     with pytest.raises(InputError, match="ids but the model's vocab_size is 300"):
         train(TINY, tc, tokenizer=Tokenizer.default(), sample=False)
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,14 @@ from l4jax.config import preset
 from l4jax.decoding import decode, make_loop, prefill
 from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM, cache_mask, init_params
-from l4jax.train import TrainConfig, train
+from l4jax.train import train
+from l4jax.train_config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from sharding import make_mesh
 from sharding.rules import mesh_context
 
@@ -160,8 +167,9 @@ def test_sequence_parallel_training_losses_equal_fsdp(tmp_path):
     losses = {}
     for spec in ("data=2,fsdp=4", "data=2,sequence=4"):
         tc = TrainConfig(
-            steps=3, batch_size=8, seq_len=256, warmup_steps=1, save_every=100,
-            checkpoint_dir=str(tmp_path / spec), progress=False, sample_tokens=0, log_every=100,
+            steps=3, batch_size=8, seq_len=256, optimizer=OptimizerConfig(warmup_steps=1),
+            checkpoint=CheckpointConfig(str(tmp_path / spec), save_every=100),
+            logging=LoggingConfig(100, progress=False), sample=SampleConfig(tokens=0),
         )  # fmt: skip
         losses[spec] = train(TINY, tc, mesh=make_mesh(spec), sample=False).losses
     want, got = losses["data=2,fsdp=4"], losses["data=2,sequence=4"]

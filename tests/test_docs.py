@@ -844,15 +844,17 @@ def test_train_defaults_are_the_documented_demo():
     """`l4jax train` with no arguments: the demo preset, 150 steps of 8 x 256 tokens, checkpoints
     every 50 steps in runs/demo, a log line every 10 steps, then a sample (docs/training.md)."""
     from l4jax.cli import build_parser
-    from l4jax.train import train_config_from_args
+    from l4jax.train_cli import train_config_from_args
 
     args = build_parser().parse_args(["train"])
     assert args.preset == "demo" and args.config is None and args.data is None
     tc = train_config_from_args(args)
-    assert (tc.steps, tc.batch_size, tc.seq_len, tc.save_every, tc.log_every) == (
+    assert (
+        tc.steps, tc.batch_size, tc.seq_len, tc.checkpoint.save_every, tc.logging.log_every
+    ) == (
         150, 8, 256, 50, 10
     )  # fmt: skip
-    assert Path(tc.checkpoint_dir) == Path("runs/demo") and tc.sample_tokens > 0
+    assert Path(tc.checkpoint.directory) == Path("runs/demo") and tc.sample.tokens > 0
 
 
 def test_benchmark_commands_use_existing_flags():

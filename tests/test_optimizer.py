@@ -9,18 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax.train import TrainConfig, lr_schedule, make_optimizer
+from l4jax.train_config import OptimizerConfig, TrainConfig
+from l4jax.train_step import lr_schedule, make_optimizer
 
 TC = TrainConfig(
-    steps=10, warmup_steps=3, learning_rate=1e-2, min_lr_ratio=0.1, clip_norm=1.0,
-    weight_decay=0.1,
-)  # fmt: skip
+    steps=10,
+    optimizer=OptimizerConfig(
+        warmup_steps=3, learning_rate=1e-2, min_lr_ratio=0.1, clip_norm=1.0, weight_decay=0.1
+    ),
+)
+OPT = TC.optimizer
 
 
 def hand_lr(step: int, tc: TrainConfig = TC) -> float:
     """Linear warmup from 0 over `warmup_steps`, then cosine to learning_rate * min_lr_ratio at
     `steps` (and flat after)."""
-    peak, end, warmup = tc.learning_rate, tc.learning_rate * tc.min_lr_ratio, tc.warmup_steps
+    opt = tc.optimizer
+    peak, end, warmup = opt.learning_rate, opt.learning_rate * opt.min_lr_ratio, opt.warmup_steps
     if step < warmup:
         return peak * step / warmup
     frac = min((step - warmup) / (tc.steps - warmup), 1.0)
@@ -35,8 +40,8 @@ def test_learning_rate_schedule():
 
 def adamw_by_hand(p, m, v, t, lr, decay):
     """One AdamW step with bias correction; decoupled decay only where `decay`."""
-    adam = (m / (1 - TC.b1**t)) / (np.sqrt(v / (1 - TC.b2**t)) + TC.eps)
-    return p - lr * (adam + (TC.weight_decay * p if decay else 0.0))
+    adam = (m / (1 - OPT.b1**t)) / (np.sqrt(v / (1 - OPT.b2**t)) + OPT.eps)
+    return p - lr * (adam + (OPT.weight_decay * p if decay else 0.0))
 
 
 def test_clipping_adamw_and_the_decay_mask():
@@ -59,9 +64,9 @@ def test_clipping_adamw_and_the_decay_mask():
         # by hand: clip the global norm first, then AdamW at the learning rate of step t - 1
         norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
         for k in want:
-            x = g[k] * min(1.0, TC.clip_norm / norm)
-            mu[k] = TC.b1 * mu[k] + (1 - TC.b1) * x
-            nu[k] = TC.b2 * nu[k] + (1 - TC.b2) * x * x
+            x = g[k] * min(1.0, OPT.clip_norm / norm)
+            mu[k] = OPT.b1 * mu[k] + (1 - OPT.b1) * x
+            nu[k] = OPT.b2 * nu[k] + (1 - OPT.b2) * x * x
             want[k] = adamw_by_hand(want[k], mu[k], nu[k], t, hand_lr(t - 1), decay=k == "w")
         np.testing.assert_allclose(np.asarray(got["embed_tokens"]), want["w"], rtol=2e-5, atol=1e-7)
         np.testing.assert_allclose(

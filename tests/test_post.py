@@ -200,13 +200,16 @@ def test_dpo_loss_matches_trls_formula(beta, ls):
 def test_dpo_starts_at_log2_and_learns_held_out_preferences(tmp_path):
     from l4jax.post import PostConfig, make_task
     from l4jax.post.demo import dpo_rows
-    from l4jax.train import TrainConfig, Trainer
+    from l4jax.train_config import LoggingConfig, OptimizerConfig, SampleConfig, TrainConfig
+    from l4jax.train_step import Trainer
     from pipelines.chat import ListRows, make_task_dataset
     from sharding import make_mesh
 
     tc = TrainConfig(
-        steps=40, batch_size=8, seq_len=48, learning_rate=1e-3, warmup_steps=2,
-        task="dpo", post=PostConfig(beta=0.1), progress=False, sample_tokens=0,
+        steps=40, batch_size=8, seq_len=48,
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2), task="dpo",
+        post=PostConfig(beta=0.1), logging=LoggingConfig(progress=False),
+        sample=SampleConfig(tokens=0),
     )  # fmt: skip
     train_rows = ListRows(dpo_rows(256, seed=0), "train")
     held_out = ListRows(dpo_rows(64, seed=99), "held out")
@@ -275,15 +278,17 @@ def test_lora_zero_adapters_give_the_base_logits_and_merged_gives_the_adapter_mo
 def _lora_step(mesh_spec, steps=2):
     from l4jax.post import PostConfig, make_task
     from l4jax.post.demo import sft_rows
-    from l4jax.train import TrainConfig, Trainer
+    from l4jax.train_config import LoggingConfig, OptimizerConfig, SampleConfig, TrainConfig
+    from l4jax.train_step import Trainer
     from pipelines import to_global_array
     from pipelines.chat import ListRows
     from sharding import make_mesh
 
     tc = TrainConfig(
-        steps=steps, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=0,
-        task="sft", post=PostConfig(lora_rank=4, lora_targets=ALL), progress=False,
-        sample_tokens=0,
+        steps=steps, batch_size=8, seq_len=64,
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0), task="sft",
+        post=PostConfig(lora_rank=4, lora_targets=ALL), logging=LoggingConfig(progress=False),
+        sample=SampleConfig(tokens=0),
     )  # fmt: skip
     devices = jax.devices() if mesh_spec else jax.devices()[:1]
     rows = ListRows(sft_rows(64), "sft")
@@ -365,13 +370,15 @@ def test_grpo_advantages_and_clipped_objective_match_numpy():
 def _grpo_trainer(post, steps=1, lr=3e-3, config=TINY, batch_size=32):
     from l4jax.post import make_task
     from l4jax.post.demo import grpo_rows
-    from l4jax.train import TrainConfig, Trainer
+    from l4jax.train_config import LoggingConfig, OptimizerConfig, SampleConfig, TrainConfig
+    from l4jax.train_step import Trainer
     from pipelines.chat import ListRows
     from sharding import make_mesh
 
     tc = TrainConfig(
-        steps=steps, batch_size=batch_size, seq_len=32, learning_rate=lr, warmup_steps=0,
-        task="grpo", post=post, progress=False, sample_tokens=0, sample_temperature=1.0,
+        steps=steps, batch_size=batch_size, seq_len=32,
+        optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=0), task="grpo", post=post,
+        logging=LoggingConfig(progress=False), sample=SampleConfig(tokens=0, temperature=1.0),
     )  # fmt: skip
     rows = ListRows(grpo_rows(128), "grpo")
     mesh = make_mesh("", devices=jax.devices()[:1])

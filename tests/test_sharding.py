@@ -12,7 +12,8 @@ import pytest
 from l4jax import preset
 from l4jax.errors import ConfigError
 from l4jax.model import param_logical_axes
-from l4jax.train import TrainConfig, Trainer
+from l4jax.train_config import OptimizerConfig, TrainConfig
+from l4jax.train_step import Trainer
 from l4jax.vision import Llama4ForConditionalGeneration
 from l4jax.vision import init_params as init_multimodal
 from l4jax.vision import param_logical_axes as multimodal_logical_axes
@@ -31,7 +32,10 @@ CONFIG = preset(
 # A large Adam eps keeps the first update a smooth function of the gradient (with eps ~ 0 it
 # is sign(g) * lr, which turns fp32 reduction-order noise in near-zero gradients into lr-sized
 # differences); the comparison then holds at fp32 tolerance.
-TC = TrainConfig(batch_size=8, seq_len=32, learning_rate=1e-2, warmup_steps=0, eps=1e-3)
+TC = TrainConfig(
+    batch_size=8, seq_len=32,
+    optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-3),
+)  # fmt: skip
 MESHES = {  # strategy: (mesh, micro-batches)
     "fsdp": ("fsdp=8", 1),
     "fsdp+tp": ("fsdp=4,tensor=2", 1),
@@ -173,7 +177,8 @@ def test_sharded_multimodal_forward_matches_unsharded(multimodal_reference, mesh
 
 def test_router_losses_are_optional_and_reported(reference):
     params, _, want = reference
-    tc = dataclasses.replace(TC, router_z_loss=1e-3, load_balance_loss=1e-2)
+    opt = dataclasses.replace(TC.optimizer, router_z_loss=1e-3, load_balance_loss=1e-2)
+    tc = dataclasses.replace(TC, optimizer=opt)
     _, _, metrics = _one_step(make_mesh("", devices=jax.devices()[:1]), params, tc)
     np.testing.assert_allclose(metrics["loss"], want["loss"], rtol=2e-6)  # CE is unchanged
     assert float(metrics["router_z_loss"]) > 0

@@ -1,6 +1,7 @@
 """Training: the loss falls, checkpoints resume bit-identically after kill -9, restore reshards,
 metrics and FLOP accounting."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,17 @@ import pytest
 from l4jax import from_pretrained, preset
 from l4jax.checkpoint import TrainCheckpointer, export_run_hf, restore_run, write_run_config
 from l4jax.errors import ConfigError
-from l4jax.train import TrainConfig, Trainer, configure_train_logging, flops_per_token, train
+from l4jax.train import train
+from l4jax.train_cli import configure_train_logging
+from l4jax.train_config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from l4jax.train_metrics import flops_per_token
+from l4jax.train_step import Trainer
 from pipelines import ByteTokenizer
 from sharding import make_mesh
 
@@ -74,9 +85,11 @@ def wait_for_step_then_kill(procs, run_dir: Path, saved_step: int, timeout: floa
 @pytest.mark.slow
 def test_loss_falls_and_checkpoints_are_written(tmp_path):
     tc = TrainConfig(
-        steps=30, batch_size=8, seq_len=64, learning_rate=3e-3, warmup_steps=5, save_every=10,
-        checkpoint_dir=str(tmp_path / "run"), metrics_jsonl=str(tmp_path / "m.jsonl"),
-        progress=False, sample_tokens=16, log_every=100,
+        steps=30, batch_size=8, seq_len=64,
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
+        checkpoint=CheckpointConfig(str(tmp_path / "run"), save_every=10),
+        logging=LoggingConfig(100, metrics_jsonl=str(tmp_path / "m.jsonl"), progress=False),
+        sample=SampleConfig(tokens=16),
     )  # fmt: skip
     result = train(TINY, tc, mesh=make_mesh("fsdp=8"))
     losses = read_losses(tmp_path / "m.jsonl")
@@ -85,7 +98,7 @@ def test_loss_falls_and_checkpoints_are_written(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == [
         10, 20, 30
     ]  # fmt: skip
-    assert result.sample.startswith(tc.sample_prompt)
+    assert result.sample.startswith(tc.sample.prompt)
     record = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
     assert {"grad_norm", "lr", "tokens_per_s", "mfu", "router_load"} <= set(record)
     assert len(record["router_load"]) == TINY.num_local_experts
@@ -184,7 +197,7 @@ def test_train_step_keeps_no_stacked_copy_of_the_expert_weights():
     `platform_dependent`, around the grouped matmul did that). With few tokens the step's
     temporaries are the gradients plus a few layer slices, well under 2.5x the params."""
     config = preset("tiny", num_hidden_layers=8, num_local_experts=64, vocab_size=256)
-    tc = TrainConfig(batch_size=1, seq_len=16, warmup_steps=0)
+    tc = TrainConfig(batch_size=1, seq_len=16, optimizer=OptimizerConfig(warmup_steps=0))
     trainer = Trainer(config, tc, make_mesh("", devices=jax.devices()[:1]))
     trainer.compile(trainer.abstract_state())
     param_bytes = 4 * config.num_params()
@@ -214,3 +227,34 @@ def test_train_logging_configured_once_per_process(capsys):
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+def test_train_flags_are_derived_from_the_config_fields():
+    """Every flagged field of `TrainConfig` (nested ones too) has its flag, with the field's
+    default; a parsed command line comes back as the config it names."""
+    import argparse
+
+    from l4jax.train_config import GROUPS, PostConfig, add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments({name: parser.add_argument_group(name) for name in GROUPS})
+    assert config_from_args(parser.parse_args([])) == TrainConfig()
+    argv = ["--lr", "0.02", "--save-every", "7", "--no-progress", "--data", "d.jsonl"]
+    argv += ["--task", "grpo", "--lora-targets", "q_proj,v_proj", "--no-dynamic-filtering"]
+    got = config_from_args(parser.parse_args(argv))
+    want = TrainConfig(
+        task="grpo",
+        optimizer=OptimizerConfig(learning_rate=0.02),
+        checkpoint=CheckpointConfig(save_every=7),
+        logging=LoggingConfig(progress=False),
+        data=dataclasses.replace(TrainConfig().data, path="d.jsonl"),
+        post=PostConfig(lora_targets=("q_proj", "v_proj"), dynamic_filtering=False),
+    )
+    assert got == want
+
+
+def test_post_training_task_without_its_task_is_refused():
+    """`train` runs pretraining unless given the task (`l4jax train` picks it by --task)."""
+    tc = TrainConfig(task="sft", checkpoint=CheckpointConfig(None))
+    with pytest.raises(ConfigError, match="TrainConfig.task 'sft'"):
+        train(TINY, tc, sample=False)

@@ -33,10 +33,10 @@ from jax.sharding import Mesh
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM
-from l4jax.post.config import PostConfig
 from l4jax.post.demo import REWARDS
 from l4jax.post.lora import merge
 from l4jax.post.objectives import Policy, logps_from_logits
+from l4jax.train_config import PostConfig
 from pipelines.chat import fit_pair, padded_row, prompt_messages, render_chat
 from pipelines.loader import to_global_array
 from sharding.rules import batch_sharding, mesh_context
@@ -124,7 +124,7 @@ class Rollouts:
             variables, rows["tokens"], rows["positions"], rows["segment_ids"],
             mutable=["expert_choices"],
         )  # fmt: skip
-        logp, _ = logps_from_logits(logits, rows, temperature=self.tc.sample_temperature)
+        logp, _ = logps_from_logits(logits, rows, temperature=self.tc.sample.temperature)
         ids = _expert_ids(state.get("expert_choices", {}), rows["tokens"].shape)
         return logp, ids
 
@@ -150,7 +150,7 @@ class Rollouts:
         with mesh_context(self.mesh, tc.strategy):
             ids = generate(
                 Llama4ForCausalLM(self.config), self.model_params(state.params), repeated,
-                self.post.max_new_tokens, temperature=tc.sample_temperature,
+                self.post.max_new_tokens, temperature=tc.sample.temperature,
                 seed=tc.seed * 1_000_003 + step, stop_ids=self.stop_ids,
                 pad_id=self.tokenizer.pad_id,
             )  # fmt: skip

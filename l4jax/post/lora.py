@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
 from l4jax.model import LORA, Llama4ForCausalLM, lora_delta, param_logical_axes
+from l4jax.post.init_from import load_init
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = (*ATTENTION, "attention", "shared_expert", "experts", "mlp")
@@ -190,7 +191,6 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
 
     from l4jax.checkpoint import TRAIN_CONFIG_FILE, read_run_config
     from l4jax.errors import CheckpointError, read_json_object
-    from l4jax.post.tasks import load_init
 
     run, dst = Path(run_dir).absolute(), Path(dst).absolute()
     if dst.exists():

@@ -1,4 +1,4 @@
-"""Post-training objectives (`l4jax.train.Objective`): SFT, DPO and GRPO losses.
+"""Post-training objectives (`l4jax.train_task.Objective`): SFT, DPO and GRPO losses.
 
 All three read per-token log-probabilities of target tokens under a *policy* (the trained
 params, or a frozen base plus LoRA adapters) and, for DPO/GRPO, under a frozen *reference*
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from l4jax.config import Llama4Config
 from l4jax.model import Llama4ForCausalLM
 from l4jax.post.lora import LoraConfig, apply_variables
-from l4jax.train import Objective
+from l4jax.train_task import Objective
 from pipelines.chat import target_weights
 from pipelines.packing import next_token_targets
 

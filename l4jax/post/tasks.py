@@ -1,4 +1,4 @@
-"""`l4jax.train.Task`s for sft, dpo and grpo: data, objective, trainable and frozen params.
+"""`l4jax.train_task.Task`s for sft, dpo and grpo: data, objective, trainable and frozen params.
 
 Full fine-tuning trains every parameter (the state starts from `--init-from`, else from the
 seed's random init, as pretraining does); DPO/GRPO keep a frozen copy of those initial params
@@ -10,7 +10,6 @@ need no second copy of the model. Frozen arrays are placed with the model's own 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,10 +19,11 @@ from jax.sharding import Mesh
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM, param_logical_axes
-from l4jax.post.config import PostConfig
+from l4jax.post.init_from import load_init
 from l4jax.post.lora import LoraConfig, adapter_layout, init_adapters, merge
 from l4jax.post.objectives import Policy, dpo_objective, grpo_objective, sft_objective
-from l4jax.train import Task, TrainConfig
+from l4jax.train_config import PostConfig, TrainConfig
+from l4jax.train_task import Task
 from pipelines.chat import make_task_dataset, open_rows
 from sharding.rules import mesh_context, param_shardings
 
@@ -34,38 +34,6 @@ def lora_config(post: PostConfig) -> LoraConfig | None:
     if not post.lora_rank:
         return None
     return LoraConfig(post.lora_rank, post.lora_alpha, tuple(post.lora_targets))
-
-
-def load_init(path: str, config: Llama4Config, shardings: Any) -> Any:
-    """Params of `--init-from` (an l4jax training run, an l4jax, HF or Meta checkpoint) placed
-    on `shardings`; the checkpoint must hold the model being trained."""
-    from l4jax.checkpoint import CONFIG_FILE, restore_run
-    from l4jax.convert import from_pretrained
-
-    p = Path(path)
-    runtime = {"dtype": config.dtype, "param_dtype": config.param_dtype}
-    if (p / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in p.iterdir()):
-        loaded, params = restore_run(p, shardings=shardings, **runtime)  # a training run
-    else:
-        model, params = from_pretrained(p, text_only=True, **runtime)
-        loaded = model.config
-        params = jax.device_put(params, shardings)
-    if loaded.replace(moe_impl=config.moe_impl, remat_policy=config.remat_policy) != config:
-        raise ConfigError(f"--init-from {path}: holds another model than the one configured")
-    return params
-
-
-def init_from_config(path: str, **runtime: Any) -> Llama4Config:
-    """The model config of an `--init-from` checkpoint or training run."""
-    from l4jax.checkpoint import read_run_config
-    from l4jax.convert.formats import open_checkpoint, source_config
-
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"--init-from {path}: no such directory")
-    if (p / "config.json").is_file() and any(c.name.isdigit() for c in p.iterdir()):
-        return read_run_config(p, **runtime)
-    return source_config(open_checkpoint(p), **runtime)
 
 
 def _copy(tree: Any) -> Any:
@@ -80,7 +48,7 @@ def make_task(
     random-access source of rows; default `--data`, else the built-in demo set)."""
     from l4jax.post import demo
 
-    post = tc.post if tc.post is not None else PostConfig()
+    post = tc.post
     lora = lora_config(post)
     policy = Policy(config, lora)
     model = Llama4ForCausalLM(config)
@@ -124,7 +92,7 @@ def make_task(
             )
         rows_per_step = tc.batch_size // post.num_generations
     if rows is None:
-        rows = open_rows(tc.data, tc.task) if tc.data else demo.rows(tc.task, tc.seed)
+        rows = open_rows(tc.data.path, tc.task) if tc.data.path else demo.rows(tc.task, tc.seed)
 
     def data():
         ds = make_task_dataset(
@@ -146,7 +114,7 @@ def make_task(
         from l4jax.post.grpo import Rollouts
 
         beta = post.beta_for("grpo")
-        objective = grpo_objective(policy, post.epsilon, beta, tc.sample_temperature)
+        objective = grpo_objective(policy, post.epsilon, beta, tc.sample.temperature)
         f32 = ((tc.batch_size, seq_len), jnp.float32)
         spec = {**dict.fromkeys(names, i32), "old_logps": f32, "advantages": f32}
         if post.routing_replay:

@@ -1,0 +1,46 @@
+"""The checkpoint that `--init-from` names (an l4jax training run, an l4jax, HF or Meta
+checkpoint): its model config, and its params placed on the mesh. Read by the sft/dpo/grpo
+tasks, `l4jax train` (the model to train) and `l4jax merge-lora` (a LoRA run's base)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from l4jax.config import Llama4Config
+from l4jax.errors import ConfigError
+
+
+def load_init(path: str, config: Llama4Config, shardings: Any) -> Any:
+    """Params of `--init-from` (an l4jax training run, an l4jax, HF or Meta checkpoint) placed
+    on `shardings`; the checkpoint must hold the model being trained."""
+    # imported on use: they load Orbax and tensorstore
+    from l4jax.checkpoint import CONFIG_FILE, restore_run
+    from l4jax.convert import from_pretrained
+
+    p = Path(path)
+    runtime = {"dtype": config.dtype, "param_dtype": config.param_dtype}
+    if (p / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in p.iterdir()):
+        loaded, params = restore_run(p, shardings=shardings, **runtime)  # a training run
+    else:
+        model, params = from_pretrained(p, text_only=True, **runtime)
+        loaded = model.config
+        params = jax.device_put(params, shardings)
+    if loaded.replace(moe_impl=config.moe_impl, remat_policy=config.remat_policy) != config:
+        raise ConfigError(f"--init-from {path}: holds another model than the one configured")
+    return params
+
+
+def init_from_config(path: str, **runtime: Any) -> Llama4Config:
+    """The model config of an `--init-from` checkpoint or training run."""
+    from l4jax.checkpoint import read_run_config
+    from l4jax.convert.formats import open_checkpoint, source_config
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--init-from {path}: no such directory")
+    if (p / "config.json").is_file() and any(c.name.isdigit() for c in p.iterdir()):
+        return read_run_config(p, **runtime)
+    return source_config(open_checkpoint(p), **runtime)
