@@ -40,10 +40,25 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tokenizer", ("l4jax.tokenizer",)),
     # convert/: names and layouts, shared streaming pieces -> readers and writers -> the one
     # format detector -> loading and conversion
-    ("convert.base", ("l4jax.convert.mapping", "l4jax.convert.hostmem", "l4jax.convert.streaming")),
+    (
+        "convert.base",
+        (
+            "l4jax.convert.mapping",
+            "l4jax.convert.hostmem",
+            "l4jax.convert.streaming",
+            "l4jax.convert.quantized",
+            "l4jax.convert.zarr_layout",
+        ),
+    ),
     (
         "convert.io",
-        ("l4jax.convert.hf", "l4jax.convert.meta", "l4jax.convert.orbax", "l4jax.convert.export"),
+        (
+            "l4jax.convert.hf",
+            "l4jax.convert.hf_fp8",
+            "l4jax.convert.meta",
+            "l4jax.convert.orbax",
+            "l4jax.convert.export",
+        ),
     ),
     ("convert.formats", ("l4jax.convert.formats",)),
     ("convert", ("l4jax.convert", "l4jax.convert.load", "l4jax.convert.conversion")),
