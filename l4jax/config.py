@@ -309,6 +309,17 @@ def require(ok: bool, field: str, message: str, owner: str = "Llama4Config") -> 
         raise ConfigError(f"{owner}.{field}: {message}")
 
 
+def require_choices(c: Any, owner: str, choices: dict[str, tuple[str, ...]]) -> None:
+    """Each field of `c` named in `choices` is one of its choices (config validation)."""
+    for field, allowed in choices.items():
+        value = getattr(c, field)
+        require(value in allowed, field, f"{value!r} is not one of {allowed}", owner)
+
+
+# the runtime settings that text and vision configs share, and their choices
+RUNTIME_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "remat_policy": REMAT_POLICIES}
+
+
 def _validate(c: Llama4Config) -> None:
     for name in (
         "vocab_size",
@@ -369,18 +380,10 @@ def _validate(c: Llama4Config) -> None:
             "rope_scaling",
             f"need 0 < low_freq_factor <= high_freq_factor, got {s}",
         )
-    require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
-    require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
-    require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
-    require(
-        c.attention_impl in ATTENTION_IMPLS,
-        "attention_impl",
-        f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}",
-    )
-    require(
-        c.remat_policy in REMAT_POLICIES,
-        "remat_policy",
-        f"{c.remat_policy!r} is not one of {REMAT_POLICIES}",
+    require_choices(
+        c,
+        "Llama4Config",
+        {**RUNTIME_CHOICES, "moe_impl": MOE_IMPLS, "attention_impl": ATTENTION_IMPLS},
     )
 
 

@@ -182,26 +182,25 @@ def pallas_tiling(m: int, k: int, n: int, groups: int = 1) -> tuple[int, int, in
     return tile(-(-m // groups)), tile(k), tile(n)
 
 
+def _our_kernel(dense: Callable, quantized: Callable, x_md: Array, weights, group_sizes: Array):
+    """`dense(x_md, *weights, group_sizes)` on MXU tiles for these shapes, or `quantized` (tiles
+    dequantized in VMEM) when the weights are `QArray`s."""
+    w = weights[0]
+    tiling = pallas_tiling(x_md.shape[0], x_md.shape[1], w.shape[2], w.shape[0])
+    kernel = quantized if isinstance(w, QArray) else dense
+    return kernel(x_md, *weights, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype)
+
+
 def _pallas_gmm(lhs: Array, rhs: Array | QArray, group_sizes: Array) -> Array:
     from l4jax.kernels import gmm, qgmm  # imported lazily: Pallas is only needed on this path
 
-    tiling = pallas_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
-    if isinstance(rhs, QArray):  # tiles dequantized in VMEM
-        return qgmm(lhs, rhs, group_sizes, tiling=tiling, preferred_element_type=lhs.dtype)
-    return gmm(lhs, rhs, group_sizes, tiling=tiling, preferred_element_type=lhs.dtype)
+    return _our_kernel(gmm, qgmm, lhs, (rhs,), group_sizes)
 
 
 def _pallas_swiglu(x_md: Array, gate: Array, up: Array, group_sizes: Array) -> Array:
-    from l4jax.kernels import gmm_swiglu  # gate and up in one pass, SiLU before the store
+    from l4jax.kernels import gmm_swiglu, qgmm_swiglu  # gate and up in one pass, SiLU fused
 
-    tiling = pallas_tiling(x_md.shape[0], x_md.shape[1], gate.shape[2], gate.shape[0])
-    if isinstance(gate, QArray):
-        from l4jax.kernels import qgmm_swiglu
-
-        return qgmm_swiglu(
-            x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype
-        )
-    return gmm_swiglu(x_md, gate, up, group_sizes, tiling=tiling, preferred_element_type=x_md.dtype)
+    return _our_kernel(gmm_swiglu, qgmm_swiglu, x_md, (gate, up), group_sizes)
 
 
 def _megablox_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> Array:

@@ -12,7 +12,13 @@ import json
 import os
 from typing import Any
 
-from l4jax.config import DTYPES, REMAT_POLICIES, Llama4Config, config_from_json_file, require
+from l4jax.config import (
+    RUNTIME_CHOICES,
+    Llama4Config,
+    config_from_json_file,
+    require,
+    require_choices,
+)
 from l4jax.errors import ConfigError
 
 # Both references use torch LayerNorm's default eps (HF ignores `norm_eps`, Meta never reads it).
@@ -167,13 +173,7 @@ def _validate_vision(c: Llama4VisionConfig) -> None:
         f"{c.vision_output_dim} must equal projector_output_dim={c.projector_output_dim}",
     )
     check(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
-    check(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
-    check(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
-    check(
-        c.remat_policy in REMAT_POLICIES,
-        "remat_policy",
-        f"{c.remat_policy!r} is not one of {REMAT_POLICIES}",
-    )
+    require_choices(c, "Llama4VisionConfig", RUNTIME_CHOICES)
 
 
 def _square(hf: dict[str, Any], name: str) -> None:

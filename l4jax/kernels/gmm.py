@@ -104,7 +104,7 @@ def active_visits(sched: GroupSchedule, group_sizes: jax.Array, m: int) -> jax.A
     return jnp.maximum(jnp.sum(sched.row_start < total), 1).astype(jnp.int32)
 
 
-def _row_mask(sched: GroupSchedule, v: jax.Array, shape: tuple[int, int]) -> jax.Array:
+def row_mask(sched: GroupSchedule, v: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """[rows, cols] bool: which rows of visit v's row tile belong to its group."""
     rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + sched.tile_ids[v] * shape[0]
     return (rows >= sched.row_start[v]) & (rows < sched.row_end[v])
@@ -119,20 +119,29 @@ def _dot_f32(lhs: jax.Array, rhs: jax.Array, transpose_rhs: bool) -> jax.Array:
 Epilogue = Callable[..., jax.Array]
 
 
-def _identity(acc: jax.Array) -> jax.Array:
+def identity(acc: jax.Array) -> jax.Array:
     return acc
 
 
-def _swiglu(acc_gate: jax.Array, acc_up: jax.Array) -> jax.Array:
+def swiglu(acc_gate: jax.Array, acc_up: jax.Array) -> jax.Array:
     return jax.nn.silu(acc_gate) * acc_up
 
 
-def _gmm_kernel(*refs: jax.Array, num_rhs: int, epilogue: Epilogue, transpose_rhs: bool) -> None:
-    """Grid (n, v, k). refs: 4 schedule refs (SMEM), lhs [tm, tk], num_rhs weight tiles
-    [tk, tn] ([tn, tk] if transposed), out [tm, tn], num_rhs fp32 accumulators [tm, tn]."""
+# (lhs tile [tm, tk], one weight operand's refs, k) -> fp32 [tm, tn]
+TileDot = Callable[[jax.Array, Sequence[jax.Array], jax.Array], jax.Array]
+
+
+def grouped_matmul_kernel(
+    *refs: jax.Array, num_rhs: int, refs_per_rhs: int, tile_dot: TileDot, epilogue: Epilogue
+) -> None:
+    """The body of gmm and of the quantized kernels (`kernels.quantized`). Grid (n, v, k).
+    refs: 4 schedule refs (SMEM), lhs [tm, tk], num_rhs weight operands of `refs_per_rhs` refs
+    each (a tile; or quantized values and scales), out [tm, tn], num_rhs fp32 accumulators
+    [tm, tn]; `tile_dot` multiplies the lhs tile by one operand's k-th weight tile."""
     sched = GroupSchedule(*refs[:4])
-    lhs_ref, rhs_refs = refs[4], refs[5 : 5 + num_rhs]
-    out_ref, acc_refs = refs[5 + num_rhs], refs[6 + num_rhs :]
+    lhs_ref, num_w = refs[4], num_rhs * refs_per_rhs
+    rhs_refs = [refs[5 + i : 5 + i + refs_per_rhs] for i in range(0, num_w, refs_per_rhs)]
+    out_ref, acc_refs = refs[5 + num_w], refs[6 + num_w :]
     v, k = pl.program_id(1), pl.program_id(2)
 
     @pl.when(k == 0)
@@ -143,8 +152,8 @@ def _gmm_kernel(*refs: jax.Array, num_rhs: int, epilogue: Epilogue, transpose_rh
     @pl.when(sched.row_start[v] < sched.row_end[v])
     def _accumulate() -> None:
         lhs = lhs_ref[...]
-        for rhs_ref, acc_ref in zip(rhs_refs, acc_refs, strict=True):
-            acc_ref[...] += _dot_f32(lhs, rhs_ref[...], transpose_rhs)
+        for operand_refs, acc_ref in zip(rhs_refs, acc_refs, strict=True):
+            acc_ref[...] += tile_dot(lhs, operand_refs, k)
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _store() -> None:
@@ -157,10 +166,17 @@ def _gmm_kernel(*refs: jax.Array, num_rhs: int, epilogue: Epilogue, transpose_rh
             out_ref[...] = jnp.zeros_like(out_ref)
 
         result = epilogue(*(acc_ref[...] for acc_ref in acc_refs))  # fp32 [tm, tn]
-        mask = _row_mask(sched, v, out_ref.shape)
+        mask = row_mask(sched, v, out_ref.shape)
         out_ref[...] = jnp.where(mask, result, out_ref[...].astype(jnp.float32)).astype(
             out_ref.dtype
         )
+
+
+def _dense_tile_dot(
+    lhs: jax.Array, rhs_refs: Sequence[jax.Array], k: jax.Array, transpose_rhs: bool
+) -> jax.Array:
+    del k  # the BlockSpec already selected the k-th tile
+    return _dot_f32(lhs, rhs_refs[0][...], transpose_rhs)
 
 
 def _tgmm_kernel(*refs: jax.Array) -> None:
@@ -178,7 +194,7 @@ def _tgmm_kernel(*refs: jax.Array) -> None:
     @pl.when(sched.row_start[v] < sched.row_end[v])
     def _accumulate() -> None:
         def masked(ref: jax.Array) -> jax.Array:  # zero rows of other groups, in fp32
-            return jnp.where(_row_mask(sched, v, ref.shape), ref[...].astype(jnp.float32), 0.0)
+            return jnp.where(row_mask(sched, v, ref.shape), ref[...].astype(jnp.float32), 0.0)
 
         lhs_km = masked(lhs_ref).T.astype(lhs_ref.dtype)
         dout_mn = masked(dout_ref).astype(dout_ref.dtype)
@@ -189,7 +205,8 @@ def _tgmm_kernel(*refs: jax.Array) -> None:
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    """`x` zero-padded at the end of `axis` to a multiple of `multiple`."""
     pad = -x.shape[axis] % multiple
     if pad == 0:
         return x
@@ -205,7 +222,7 @@ def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
     return dtype
 
 
-def _interpret_params(interpret: bool) -> pltpu.InterpretParams | bool:
+def interpret_params(interpret: bool) -> pltpu.InterpretParams | bool:
     """TPU interpret mode simulates VMEM/SMEM and fills uninitialised buffers with NaN. It
     also synchronises all devices of a shard_map with a `threading.Barrier`, which hangs on
     XLA:CPU's simulated devices (expert parallelism), so inside a shard_map the plain Pallas
@@ -232,7 +249,7 @@ def _gmm_call(
     tiling: Tiling,
     out_dtype: jnp.dtype,
     interpret: bool,
-    epilogue: Epilogue = _identity,
+    epilogue: Epilogue = identity,
     transpose_rhs: bool = False,
 ) -> jax.Array:
     """epilogue(lhs_mk @ rhs[group] for rhs in rhs_gkn) -> [M, N]; each rhs is [G, K, N]
@@ -245,8 +262,8 @@ def _gmm_call(
     if rhs_kn[k_axis - 1] != k or any(r.shape != rhs_gkn[0].shape for r in rhs_gkn):
         raise ValueError(f"contracting dims differ: lhs {lhs_mk.shape}, rhs {rhs_gkn[0].shape}")
     dtype = _compute_dtype(lhs_mk, *rhs_gkn)
-    lhs = _pad_axis(_pad_axis(lhs_mk.astype(dtype), 0, tm), 1, tk)
-    rhs = [_pad_axis(_pad_axis(r.astype(dtype), k_axis, tk), n_axis, tn) for r in rhs_gkn]
+    lhs = pad_axis(pad_axis(lhs_mk.astype(dtype), 0, tm), 1, tk)
+    rhs = [pad_axis(pad_axis(r.astype(dtype), k_axis, tk), n_axis, tn) for r in rhs_gkn]
     sched = make_group_schedule(group_sizes, m, tm)
     tiles_n, tiles_k = rhs[0].shape[n_axis] // tn, lhs.shape[1] // tk
     num_visits = sched.tile_ids.shape[0]  # static bound; the grid runs the active ones
@@ -265,13 +282,17 @@ def _gmm_call(
     itemsize = jnp.dtype(dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * m * k * n * len(rhs),
-        transcendentals=m * n if epilogue is _swiglu else 0,
+        transcendentals=m * n if epilogue is swiglu else 0,
         bytes_accessed=itemsize * (lhs.size * tiles_n + len(rhs) * num_visits * k * n)
         + jnp.dtype(out_dtype).itemsize * m * n,
     )
     out = pl.pallas_call(
         functools.partial(
-            _gmm_kernel, num_rhs=len(rhs), epilogue=epilogue, transpose_rhs=transpose_rhs
+            grouped_matmul_kernel,
+            num_rhs=len(rhs),
+            refs_per_rhs=1,
+            tile_dot=functools.partial(_dense_tile_dot, transpose_rhs=transpose_rhs),
+            epilogue=epilogue,
         ),
         out_shape=jax.ShapeDtypeStruct((lhs.shape[0], tiles_n * tn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -286,11 +307,19 @@ def _gmm_call(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")
         ),
         cost_estimate=cost,
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*sched, lhs, *rhs)
+    return routed_rows(out, m, n, group_sizes, out_dtype)
+
+
+def routed_rows(
+    out: jax.Array, m: int, n: int, group_sizes: jax.Array, out_dtype: jnp.dtype
+) -> jax.Array:
+    """The padded kernel output cut to [m, n], rows past sum(group_sizes) zero (the grid
+    stops at the routed rows: the tiles past them are never written)."""
     rows = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
     routed = rows < jnp.sum(group_sizes.astype(jnp.int32))
-    return jnp.where(routed, out[:m, :n], 0).astype(out_dtype)  # tiles past it: never written
+    return jnp.where(routed, out[:m, :n], 0).astype(out_dtype)
 
 
 def _tgmm_call(
@@ -309,8 +338,8 @@ def _tgmm_call(
     if m_out != m:
         raise ValueError(f"row counts differ: lhs {lhs_mk.shape}, dout {dout_mn.shape}")
     dtype = _compute_dtype(lhs_mk, dout_mn)
-    lhs = _pad_axis(_pad_axis(lhs_mk.astype(dtype), 0, tm), 1, tk)
-    dout = _pad_axis(_pad_axis(dout_mn.astype(dtype), 0, tm), 1, tn)
+    lhs = pad_axis(pad_axis(lhs_mk.astype(dtype), 0, tm), 1, tk)
+    dout = pad_axis(pad_axis(dout_mn.astype(dtype), 0, tm), 1, tn)
     sched = make_group_schedule(group_sizes, m, tm)
     tiles_k, tiles_n = lhs.shape[1] // tk, dout.shape[1] // tn
 
@@ -344,7 +373,7 @@ def _tgmm_call(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=cost,
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*sched, lhs, dout)
     # empty groups after the last routed row have no active visit: never written
     return jnp.where(group_sizes[:, None, None] > 0, out[:, :k, :n], 0).astype(out_dtype)
@@ -408,7 +437,7 @@ def _gmm_bwd(
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _resolve(
+def resolve_options(
     interpret: bool | None, preferred_element_type: DTypeLike | None, default: jax.Array
 ) -> tuple[bool, jnp.dtype]:
     """Static options: interpret off TPU; output dtype defaults to the input's."""
@@ -434,7 +463,7 @@ def gmm(
     holds m; rows past ``sum(group_sizes)`` are zero. Differentiable in lhs and rhs.
     ``interpret=None`` runs the kernel in Pallas TPU interpret mode off TPU.
     """
-    interpret, out_dtype = _resolve(interpret, preferred_element_type, lhs)
+    interpret, out_dtype = resolve_options(interpret, preferred_element_type, lhs)
     return _gmm(lhs, rhs, group_sizes, tuple(tiling), out_dtype, interpret)
 
 
@@ -451,7 +480,7 @@ def tgmm(
     """Per-group weight gradient ``lhs [M, K], dout [M, N] -> [G, K, N]``: for each group g,
     ``lhs[rows of g].T @ dout[rows of g]`` (zeros for empty groups). ``tiling`` is (tm, tk, tn).
     """
-    interpret, out_dtype = _resolve(interpret, preferred_element_type, lhs)
+    interpret, out_dtype = resolve_options(interpret, preferred_element_type, lhs)
     return _tgmm_call(
         lhs, dout, group_sizes, tiling=tuple(tiling), out_dtype=out_dtype, interpret=interpret
     )
@@ -477,7 +506,7 @@ def _gmm_swiglu(
         tiling=tiling,
         out_dtype=out_dtype,
         interpret=interpret,
-        epilogue=_swiglu,
+        epilogue=swiglu,
     )
 
 
@@ -535,5 +564,5 @@ def gmm_swiglu(
     ``x [M, K]``, ``w_gate, w_up [G, K, F]``; one kernel pass with two fp32 accumulators,
     SwiGLU applied in fp32 before the single store. ``tiling`` is (tm, tk, tf).
     """
-    interpret, out_dtype = _resolve(interpret, preferred_element_type, x)
+    interpret, out_dtype = resolve_options(interpret, preferred_element_type, x)
     return _gmm_swiglu(x, w_gate, w_up, group_sizes, tuple(tiling), out_dtype, interpret)

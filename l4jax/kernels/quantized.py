@@ -20,6 +20,7 @@ group, ``rhs [G, K, N]``, rows past ``sum(group_sizes)`` zero), for inference (n
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.typing import DTypeLike
 
-from l4jax.kernels.gmm import GroupSchedule, active_visits, make_group_schedule
+from l4jax.kernels.gmm import (
+    GroupSchedule,
+    active_visits,
+    grouped_matmul_kernel,
+    identity,
+    interpret_params,
+    make_group_schedule,
+    pad_axis,
+    resolve_options,
+    routed_rows,
+    swiglu,
+)
 from l4jax.quantization import QArray, unpack_int4
 
 Array = jax.Array
@@ -54,11 +66,6 @@ def quantized_ragged_dot(lhs: Array, rhs: QArray, group_sizes: Array) -> Array:
 # ---- Pallas ------------------------------------------------------------------------------------
 
 
-def _row_mask(sched: GroupSchedule, v: Array, shape: tuple[int, int]) -> Array:
-    rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + sched.tile_ids[v] * shape[0]
-    return (rows >= sched.row_start[v]) & (rows < sched.row_end[v])
-
-
 def _dequant_tile(q: Array, scale: Array, group: int | None, dtype: jnp.dtype) -> Array:
     """A weight tile in `dtype`: q [tk, tn] * scale [1, tn], or packed int4 [tk/2, tn] with
     group scales [tk/group, tn]."""
@@ -69,56 +76,18 @@ def _dequant_tile(q: Array, scale: Array, group: int | None, dtype: jnp.dtype) -
     return (w * scale[:, None, :]).reshape(tk, tn).astype(dtype)
 
 
-def _qgmm_kernel(*refs: Array, num_rhs: int, swiglu: bool, group: int | None, tk: int) -> None:
-    """Grid (n, v, k). refs: 4 schedule refs, lhs [tm, tk], num_rhs (qvalue tile, scale strip)
-    pairs, out [tm, tn], num_rhs fp32 accumulators."""
-    sched = GroupSchedule(*refs[:4])
-    lhs_ref = refs[4]
-    rhs_refs = refs[5 : 5 + 2 * num_rhs]
-    out_ref, acc_refs = refs[5 + 2 * num_rhs], refs[6 + 2 * num_rhs :]
-    v, k = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(k == 0)
-    def _zero_acc() -> None:
-        for acc_ref in acc_refs:
-            acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(sched.row_start[v] < sched.row_end[v])
-    def _accumulate() -> None:
-        lhs = lhs_ref[...]
-        for i, acc_ref in enumerate(acc_refs):
-            q_ref, scale_ref = rhs_refs[2 * i], rhs_refs[2 * i + 1]
-            if group is None:
-                scale = scale_ref[...]
-            else:
-                rows = tk // group
-                scale = scale_ref[pl.ds(k * rows, rows), :]
-            w = _dequant_tile(q_ref[...], scale, group, lhs.dtype)
-            acc_ref[...] += jnp.dot(lhs, w, preferred_element_type=jnp.float32)
-
-    @pl.when(k == pl.num_programs(2) - 1)
-    def _store() -> None:
-        first_visit_of_tile = (v == 0) | (
-            sched.tile_ids[v] != sched.tile_ids[jnp.maximum(v - 1, 0)]
-        )
-
-        @pl.when(first_visit_of_tile)
-        def _zero_out() -> None:
-            out_ref[...] = jnp.zeros_like(out_ref)
-
-        accs = [acc_ref[...] for acc_ref in acc_refs]
-        result = jax.nn.silu(accs[0]) * accs[1] if swiglu else accs[0]
-        mask = _row_mask(sched, v, out_ref.shape)
-        out_ref[...] = jnp.where(mask, result, out_ref[...].astype(jnp.float32)).astype(
-            out_ref.dtype
-        )
-
-
-def _pad(x: Array, axis: int, multiple: int) -> Array:
-    pad = -x.shape[axis] % multiple
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths) if pad else x
+def _quantized_tile_dot(
+    lhs: Array, rhs_refs: Sequence[Array], k: Array, *, group: int | None, tk: int
+) -> Array:
+    """lhs [tm, tk] @ the dequantized k-th weight tile: refs (qvalue tile, scale strip)."""
+    q_ref, scale_ref = rhs_refs
+    if group is None:
+        scale = scale_ref[...]
+    else:
+        rows = tk // group
+        scale = scale_ref[pl.ds(k * rows, rows), :]
+    w = _dequant_tile(q_ref[...], scale, group, lhs.dtype)
+    return jnp.dot(lhs, w, preferred_element_type=jnp.float32)
 
 
 def _qgmm_call(
@@ -128,8 +97,9 @@ def _qgmm_call(
     tiling: Tiling,
     out_dtype: jnp.dtype,
     interpret: bool,
-    swiglu: bool,
+    fused: bool,
 ) -> Array:
+    """fused: silu(lhs @ rhs[0]) * (lhs @ rhs[1]); else lhs @ rhs[0]."""
     tm, tk, tn = tiling
     (m, k), (num_groups, k_w, n) = lhs_mk.shape, rhs[0].shape
     if k_w != k or any(r.shape != rhs[0].shape or r.mode != rhs[0].mode for r in rhs):
@@ -140,14 +110,14 @@ def _qgmm_call(
     group = k // rhs[0].scale.shape[1] if int4 else None
     if int4 and tk % group:
         raise ValueError(f"qgmm: K tile {tk} is not a multiple of the int4 group {group}")
-    lhs = _pad(_pad(lhs_mk, 0, tm), 1, tk)
+    lhs = pad_axis(pad_axis(lhs_mk, 0, tm), 1, tk)
     k_pad = lhs.shape[1]
     operands = []
     for r in rhs:  # padded K rows are zeros (q = 0): they add nothing
-        q = _pad(_pad(r.qvalue, 1, tk // 2 if int4 else tk), 2, tn)
-        scale = _pad(r.scale, 2, tn)
+        q = pad_axis(pad_axis(r.qvalue, 1, tk // 2 if int4 else tk), 2, tn)
+        scale = pad_axis(r.scale, 2, tn)
         if int4:
-            scale = _pad(scale, 1, k_pad // group)
+            scale = pad_axis(scale, 1, k_pad // group)
         operands += [q, scale.astype(jnp.float32)]
     sched = make_group_schedule(group_sizes, m, tm)
     tiles_n, tiles_k = operands[0].shape[2] // tn, k_pad // tk
@@ -169,7 +139,13 @@ def _qgmm_call(
     specs = [pl.BlockSpec((tm, tk), lhs_map)]
     specs += [pl.BlockSpec(q_block, q_map), pl.BlockSpec(scale_block, scale_map)] * len(rhs)
     out = pl.pallas_call(
-        functools.partial(_qgmm_kernel, num_rhs=len(rhs), swiglu=swiglu, group=group, tk=tk),
+        functools.partial(
+            grouped_matmul_kernel,
+            num_rhs=len(rhs),
+            refs_per_rhs=2,
+            tile_dot=functools.partial(_quantized_tile_dot, group=group, tk=tk),
+            epilogue=swiglu if fused else identity,
+        ),
         out_shape=jax.ShapeDtypeStruct((lhs.shape[0], tiles_n * tn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(sched),
@@ -181,19 +157,9 @@ def _qgmm_call(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")
         ),
-        interpret=interpret,
+        interpret=interpret_params(interpret),
     )(*sched, lhs, *operands)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
-    routed = rows < jnp.sum(group_sizes.astype(jnp.int32))
-    return jnp.where(routed, out[:m, :n], 0).astype(out_dtype)
-
-
-def _options(interpret: bool | None, preferred: DTypeLike | None, lhs: Array):
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    if interpret and not jax.sharding.get_abstract_mesh().manual_axes:
-        interpret = pltpu.InterpretParams()  # simulated VMEM (not inside shard_map: see gmm)
-    return interpret, jnp.dtype(lhs.dtype if preferred is None else preferred)
+    return routed_rows(out, m, n, group_sizes, out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "preferred_element_type", "interpret"))
@@ -207,7 +173,7 @@ def qgmm(
     interpret: bool | None = None,
 ) -> Array:
     """``lhs [M, K] x dequantize(rhs) [G, K, N] -> [M, N]``, tiles dequantized in VMEM."""
-    interpret, out_dtype = _options(interpret, preferred_element_type, lhs)
+    interpret, out_dtype = resolve_options(interpret, preferred_element_type, lhs)
     return _qgmm_call(lhs, [rhs], group_sizes, tuple(tiling), out_dtype, interpret, False)
 
 
@@ -223,5 +189,5 @@ def qgmm_swiglu(
     interpret: bool | None = None,
 ) -> Array:
     """``silu(x @ w_gate[g]) * (x @ w_up[g])`` with quantized gate and up, one pass."""
-    interpret, out_dtype = _options(interpret, preferred_element_type, x)
+    interpret, out_dtype = resolve_options(interpret, preferred_element_type, x)
     return _qgmm_call(x, [w_gate, w_up], group_sizes, tuple(tiling), out_dtype, interpret, True)
