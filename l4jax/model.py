@@ -53,18 +53,21 @@ def lora_delta(a: Array, b: Array, w_ndim: int) -> Array:
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
+    w = None
     if module.has_variable("params", name):  # a quantized weight (`l4jax.quantize`) is used
         value = module.get_variable("params", name)  # as it is: Flax would check its shape
         if isinstance(value, QArray):  # against `shape`, and packed int4 halves one dim
-            return value
-    cfg: Llama4Config = module.config
-    boxed = nn.with_logical_partitioning(init, axes)
-    w = module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
+            w = value
+    if w is None:
+        cfg: Llama4Config = module.config
+        boxed = nn.with_logical_partitioning(init, axes)
+        w = module.param(name, boxed, shape, jnp.dtype(cfg.param_dtype))
     if module.has_variable(LORA, f"{name}_a"):
         # W + A @ B for this layer only (inside the layer scan), in fp32 so a bf16 base does not
-        # round the update away; zero B gives W exactly
+        # round the update away; zero B gives W exactly. A quantized base (QLoRA) is
+        # dequantized here, one layer at a time: the frozen weights stay quantized in memory
         a, b = module.get_variable(LORA, f"{name}_a"), module.get_variable(LORA, f"{name}_b")
-        w = w.astype(jnp.float32) + lora_delta(a, b, w.ndim)
+        w = w.astype(jnp.float32) + lora_delta(a, b, len(w.shape))
     return w
 
 

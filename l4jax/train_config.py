@@ -20,6 +20,7 @@ import typing
 from typing import Any
 
 from l4jax.errors import ConfigError
+from l4jax.quantization import MODES as QUANTIZE_MODES
 from sharding.rules import STRATEGIES
 
 TASKS = ("pretrain", "sft", "dpo", "grpo")
@@ -136,6 +137,10 @@ class PostConfig:
         ("attention",), group=POST, type=_names,
         help="comma list: q_proj,k_proj,v_proj,o_proj,attention,shared_expert,experts,mlp",
     )  # fmt: skip
+    quantize: str | None = flag(  # QLoRA: the frozen base quantized (l4jax.quantization)
+        None, group=POST, choices=QUANTIZE_MODES,
+        help="QLoRA: quantize the frozen base (needs --lora-rank)",
+    )  # fmt: skip
     # dpo: the DPO beta; grpo: KL weight (None: DEFAULT_BETA)
     beta: float | None = flag(None, group=POST, help="dpo: beta (0.1); grpo: KL weight (0.04)")
     # dpo: conservative DPO (probability the labels are flipped)
@@ -161,6 +166,13 @@ class PostConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ConfigError(f"--lora-rank: must be >= 0, got {self.lora_rank}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_MODES:
+                raise ConfigError(f"--quantize: {self.quantize!r} is not one of {QUANTIZE_MODES}")
+            if not self.lora_rank:
+                raise ConfigError(
+                    "--quantize: a quantized base is frozen; train adapters on it (--lora-rank)"
+                )
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(
                 f"--label-smoothing: must lie in [0, 0.5), got {self.label_smoothing}"

@@ -11,26 +11,42 @@ import jax
 
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
+from l4jax.quantization import QArray
+from l4jax.quantization import quantize as quantize_params
 
 
-def load_init(path: str, config: Llama4Config, shardings: Any) -> Any:
+def load_init(path: str, config: Llama4Config, shardings: Any, quantize: str | None = None) -> Any:
     """Params of `--init-from` (an l4jax training run, an l4jax, HF or Meta checkpoint) placed
-    on `shardings`; the checkpoint must hold the model being trained."""
+    on `shardings`; the checkpoint must hold the model being trained. `quantize`: QLoRA's base,
+    quantized while streaming from a checkpoint (a training run's params: after restoring)."""
     # imported on use: they load Orbax and tensorstore
     from l4jax.checkpoint import CONFIG_FILE, restore_run
     from l4jax.convert import from_pretrained
+    from l4jax.convert.quantized import scale_sharding
+
+    def place(sharding: Any, w: Any) -> Any:  # a QArray's scale shards with its values
+        if isinstance(w, QArray):
+            return QArray(jax.device_put(w.qvalue, sharding),
+                          jax.device_put(w.scale, scale_sharding(sharding, w)))  # fmt: skip
+        return jax.device_put(w, sharding)
 
     p = Path(path)
     runtime = {"dtype": config.dtype, "param_dtype": config.param_dtype}
     if (p / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in p.iterdir()):
         loaded, params = restore_run(p, shardings=shardings, **runtime)  # a training run
+        if quantize:
+            params = quantize_params(params, loaded, quantize)
     else:
-        model, params = from_pretrained(p, text_only=True, **runtime)
+        model, params = from_pretrained(p, text_only=True, quantize=quantize, **runtime)
         loaded = model.config
-        params = jax.device_put(params, shardings)
+        params = jax.tree.map(place, shardings, params, is_leaf=is_sharding)
     if loaded.replace(moe_impl=config.moe_impl, remat_policy=config.remat_policy) != config:
         raise ConfigError(f"--init-from {path}: holds another model than the one configured")
     return params
+
+
+def is_sharding(x: Any) -> bool:
+    return isinstance(x, jax.sharding.Sharding)
 
 
 def init_from_config(path: str, **runtime: Any) -> Llama4Config:

@@ -30,6 +30,7 @@ from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
 from l4jax.model import LORA, Llama4ForCausalLM, lora_delta, param_logical_axes
 from l4jax.post.init_from import load_init
+from l4jax.quantization import QArray, quantize
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = (*ATTENTION, "attention", "shared_expert", "experts", "mlp")
@@ -164,9 +165,11 @@ def apply_variables(base: Any, adapters: dict, lora: LoraConfig) -> dict:
     return {"params": base, LORA: scaled(adapters, lora)}
 
 
-def merge(base: Any, adapters: dict, lora: LoraConfig) -> Any:
-    """Base params with every adapter folded in: W + (alpha / r) A @ B, in W's dtype."""
-    merged = jax.tree.map(lambda x: x, base)
+def merge(base: Any, adapters: dict, lora: LoraConfig, dtype: Any = None) -> Any:
+    """Base params with every adapter folded in: W + (alpha / r) A @ B, in `dtype` (default:
+    W's; fp32 for a quantized W: QLoRA's targeted weights are dequantized, and the merged
+    weight, like the adapted model's, is a plain array). Untargeted weights stay as they are."""
+    merged = jax.tree.map(lambda x: x, base, is_leaf=lambda x: isinstance(x, QArray))
     ab = scaled(adapters, lora)
     for path, a in _walk(ab):
         if not path[-1].endswith("_a"):
@@ -174,8 +177,9 @@ def merge(base: Any, adapters: dict, lora: LoraConfig) -> Any:
         parent, name = path[:-1], path[-1][: -len("_a")]
         w = _get(merged, (*parent, name))
         b = _get(ab, (*parent, f"{name}_b"))
-        new = (w.astype(jnp.float32) + lora_delta(a, b, w.ndim)).astype(w.dtype)
-        _set(merged, (*parent, name), new)
+        new = w.astype(jnp.float32) + lora_delta(a, b, len(w.shape))
+        to = dtype or (jnp.float32 if isinstance(w, QArray) else w.dtype)
+        _set(merged, (*parent, name), new.astype(to))
     return merged
 
 
@@ -212,12 +216,15 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
     )
     adapters = ocp.StandardCheckpointer().restore(run / str(step) / "params", abstract)
     if post.get("init_from"):
-        base = load_init(post["init_from"], config, device)
+        base = load_init(post["init_from"], config, device, post.get("quantize"))
     else:  # the run's random base: the seed's init, as `l4jax.post.tasks` made it
         model = Llama4ForCausalLM(config)
         init = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]))
         base = init(jax.random.key(tc.get("seed", 0)))
-    merged = merge(base, adapters, lora)
+        if post.get("quantize"):  # QLoRA: the base the adapters were trained on
+            base = quantize(base, config, post["quantize"])
+    # a QLoRA base: dequantized where adapted; untargeted weights stay quantized in the output
+    merged = merge(base, adapters, lora, jnp.dtype(config.param_dtype))
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -22,6 +22,8 @@ from l4jax.model import Llama4ForCausalLM, param_logical_axes
 from l4jax.post.init_from import load_init
 from l4jax.post.lora import LoraConfig, adapter_layout, init_adapters, merge
 from l4jax.post.objectives import Policy, dpo_objective, grpo_objective, sft_objective
+from l4jax.quantization import nbytes
+from l4jax.quantization import quantize as quantize_params
 from l4jax.train_config import PostConfig, TrainConfig
 from l4jax.train_task import Task
 from pipelines.chat import make_task_dataset, open_rows
@@ -63,10 +65,14 @@ def make_task(
     needs_reference = tc.task == "dpo" or (tc.task == "grpo" and post.beta_for("grpo") > 0)
     base = None
     if post.init_from:
-        base = load_init(post.init_from, config, full_shardings)
+        base = load_init(post.init_from, config, full_shardings, post.quantize)
     elif lora is not None or needs_reference:
         with mesh_context(mesh, tc.strategy):
             base = jax.jit(init_full, out_shardings=full_shardings)(jax.random.key(tc.seed))
+        if post.quantize:  # QLoRA on the seed's random base (tests, demos)
+            base = quantize_params(base, config, post.quantize)
+    if post.quantize:
+        log.info("QLoRA: frozen base quantized to %s (%.1f MB)", post.quantize, nbytes(base) / 1e6)
     if lora is None:
         init_params, param_axes = init_full, full_axes
         initial = base
