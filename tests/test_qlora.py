@@ -71,7 +71,7 @@ def test_qlora_sft_step_trains_adapters_and_keeps_the_base_quantized():
 
     post = PostConfig(lora_rank=4, lora_targets=ALL, quantize="int4")
     tc = TrainConfig(
-        steps=1, batch_size=2, seq_len=32, learning_rate=1e-2, warmup_steps=0, task="sft",
+        steps=1, batch_size=2, seq_len=64, learning_rate=1e-2, warmup_steps=0, task="sft",
         post=post, progress=False, sample_tokens=0,
     )  # fmt: skip
     rows = ListRows(sft_rows(8), "sft")
@@ -88,14 +88,14 @@ def test_qlora_sft_step_trains_adapters_and_keeps_the_base_quantized():
     frozen = jax.tree.map(np.asarray, base)
     it, _ = trainer.task.data()
     state, metrics = trainer.step(state, to_global_array(next(it), trainer.batch_sharding))
-    assert np.isfinite(float(metrics["loss"]))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
     moved = {
-        p[-1].key: not np.array_equal(a, np.asarray(b))
+        jax.tree_util.keystr(p): not np.array_equal(a, np.asarray(b))
         for (p, a), b in zip(
             jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(state.params)
         )
     }
     # every B trained through the dequantized base (A's gradient is 0 while B is 0)
-    assert all(moved[k] for k in moved if k.endswith("_b")) and len(moved) > 10
+    assert all(moved[k] for k in moved if k.endswith("_b']")) and len(moved) > 10, moved
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(trainer.task.frozen["base"])):
         np.testing.assert_array_equal(a, np.asarray(b))  # the quantized base untouched
