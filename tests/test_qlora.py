@@ -64,15 +64,17 @@ def test_qlora_needs_adapters():
 def test_qlora_sft_step_trains_adapters_and_keeps_the_base_quantized():
     from l4jax.post import make_task
     from l4jax.post.demo import sft_rows
-    from l4jax.train import TrainConfig, Trainer
+    from l4jax.train_config import LoggingConfig, OptimizerConfig, SampleConfig, TrainConfig
+    from l4jax.train_step import Trainer
     from pipelines import to_global_array
     from pipelines.chat import ListRows
     from sharding import make_mesh
 
     post = PostConfig(lora_rank=4, lora_targets=ALL, quantize="int4")
     tc = TrainConfig(
-        steps=1, batch_size=2, seq_len=64, learning_rate=1e-2, warmup_steps=0, task="sft",
-        post=post, progress=False, sample_tokens=0,
+        steps=1, batch_size=2, seq_len=64, task="sft", post=post,
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0),
+        logging=LoggingConfig(progress=False), sample=SampleConfig(tokens=0),
     )  # fmt: skip
     rows = ListRows(sft_rows(8), "sft")
     tok = ByteTokenizer()
