@@ -31,6 +31,7 @@ from l4jax.train_task import Task
 __all__ = ["TrainResult", "sample_text", "train"]
 
 log = logging.getLogger(__name__)
+COMPILE_BARRIER_TIMEOUT_S = 3600  # the slowest host's compile of a large model
 
 
 def sample_text(
@@ -142,6 +143,14 @@ def train(
     if start < tc.steps:
         compile_seconds = trainer.compile(state)
         log.info("train step compiled in %.1f s", compile_seconds)
+        if jax.process_count() > 1:
+            # hosts finish compiling at different times, and the first step's collectives
+            # wait only so long for a late one (Gloo on CPU: 30 s): all hosts meet here first
+            # (the coordination service's barrier, through Orbax's public wrapper)
+            import orbax.checkpoint as ocp
+
+            sync = ocp.multihost.get_barrier_sync_fn()
+            sync(key="l4jax_train_compiled", timeout_ms=COMPILE_BARRIER_TIMEOUT_S * 1000)
     fpt = flops_per_token(config, tc.seq_len)
     writer = MetricsWriter(tc, start)
     losses: dict[int, float] = {}
