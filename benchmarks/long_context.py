@@ -20,7 +20,13 @@ Configs (random weights, float32; chunk and floor_scale as Scout unless said):
               heads of 64, 4 experts, chunk 8192, floor_scale 8192, vocab 512
 
     python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 65536
-    python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 --torch
+    python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 \
+        --torch --warm
+    python benchmarks/long_context.py --config vocab --mode prefill --new-tokens 4 --lengths 32768
+
+Both sides load one Hugging Face checkpoint of random weights (made once per run), and the table
+prints the largest logit difference and whether the new tokens agree, with the 1-minute load
+average before and after each run (the machine may be shared).
 
 `--cp` instead reports per-device memory of context-parallel prefill on 8 simulated CPU devices
 from XLA's compiled memory analysis (nothing runs; arguments + temporaries per device): the

@@ -320,7 +320,13 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/vision.py": HELP,
     "python benchmarks/long_context.py": HELP,
     "python benchmarks/long_context.py --config tiny --mode forward --lengths 8192 16384 32768 "
-    "65536": HELP,
+    "65536 131072": HELP,
+    "python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 --torch "
+    "--warm": HELP,
+    "python benchmarks/long_context.py --config vocab --mode prefill --new-tokens 4 --lengths "
+    "32768": HELP,
+    "python benchmarks/long_context.py --config tiny --mode prefill --lengths 262144 --timeout "
+    "1300": HELP,
     "python benchmarks/long_context.py --config tiny --analysis --lengths 8192 16384 32768 65536 "
     "131072 262144": HELP,
     "python benchmarks/long_context.py --cp": HELP,
