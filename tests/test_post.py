@@ -16,6 +16,7 @@ from pipelines import ByteTokenizer
 from pipelines.chat import render_chat
 
 TINY = preset("tiny")
+TINY2 = preset("tiny", num_hidden_layers=2)  # one dense + one MoE layer: short compiles
 TOK = ByteTokenizer()
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -291,8 +292,8 @@ def _lora_step(mesh_spec, steps=2):
     devices = jax.devices() if mesh_spec else jax.devices()[:1]
     rows = ListRows(sft_rows(64), "sft")
     trainer = Trainer(
-        TINY, tc, make_mesh(mesh_spec, devices=devices),
-        lambda mesh: make_task(TINY, tc, TOK, mesh, rows=rows),
+        TINY2, tc, make_mesh(mesh_spec, devices=devices),
+        lambda mesh: make_task(TINY2, tc, TOK, mesh, rows=rows),
     )  # fmt: skip
     state = trainer.init(tc.seed)
     first = jax.tree.map(np.asarray, state.params)
@@ -391,24 +392,24 @@ def test_routing_replay_gives_the_rollout_log_probs_at_step_0():
     post = PostConfig(
         num_generations=4, max_new_tokens=6, routing_replay=True, dynamic_filtering=False
     )  # a random model scores 0 everywhere: keep the groups filtering would drop
-    trainer = _grpo_trainer(post)
+    trainer = _grpo_trainer(post, config=TINY2)
     state = trainer.init(0)
     it, _ = trainer.task.data()
     batch, host = trainer.task.prepare(state, next(it))
-    n_moe = len(TINY.moe_layers)
-    assert batch["expert_ids"].shape == (32, 32, n_moe, TINY.num_experts_per_tok)
+    n_moe = len(TINY2.moe_layers)
+    assert batch["expert_ids"].shape == (32, 32, n_moe, TINY2.num_experts_per_tok)
     policy = trainer.task.prepare.policy
 
     @jax.jit
     def learner(params, b):
-        return token_logps(TINY, policy.variables(params, {}), b)
+        return token_logps(TINY2, policy.variables(params, {}), b)
 
     logp, w = learner(state.params, batch)
     w = np.asarray(w) > 0
     assert w.sum() > 0
     np.testing.assert_allclose(np.asarray(logp)[w], np.asarray(batch["old_logps"])[w], atol=1e-5)
     # the replayed experts are really used: other experts give other log-probs
-    other = dict(batch, expert_ids=(batch["expert_ids"] + 1) % TINY.num_local_experts)
+    other = dict(batch, expert_ids=(batch["expert_ids"] + 1) % TINY2.num_local_experts)
     moved = np.abs(np.asarray(learner(state.params, other)[0])[w] - np.asarray(logp)[w]).max()
     assert moved > 1e-3
     # and a train step runs on the batch: ratio 1 at step 0, nothing clipped
