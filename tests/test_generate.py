@@ -29,14 +29,16 @@ from l4jax.sampling import Sampling, sample
 LENGTHS = (40, 23, 9)
 NEW = 64
 PROMPTS = [np.random.default_rng(0).integers(0, 256, n) for n in LENGTHS]
-# 4 layers (one scan group: 3 chunked RoPE layers + 1 NoPE layer) keep transformers' eager
-# generate fast; scout_like: chunk 16, floor 16, qk-norm, all MoE; maverick_like: chunk 32,
-# floor 8, dense + MoE layers
+# 2 layers (one scan group: 1 chunked RoPE layer + 1 NoPE layer) keep transformers' eager
+# generate and l4jax's compile fast; scout_like: chunk 16, floor 16, qk-norm, all MoE;
+# maverick_like: chunk 32, floor 8, a dense and a MoE layer
 HF_CONFIGS = {
-    "scout_like": dict(SCOUT_LIKE, num_hidden_layers=4),
-    "maverick_like": dict(MAVERICK_LIKE, num_hidden_layers=4),
+    "scout_like": dict(SCOUT_LIKE, num_hidden_layers=2, no_rope_layer_interval=2),
+    "maverick_like": dict(MAVERICK_LIKE, num_hidden_layers=2, no_rope_layer_interval=2),
 }
-TINY = preset("tiny", attention_chunk_size=16, floor_scale=16)
+TINY = preset(
+    "tiny", num_hidden_layers=2, no_rope_layer_interval=2, attention_chunk_size=16, floor_scale=16
+)
 
 
 def _hf_generate(hf, prompts_bt, mask_bt, new):
@@ -140,19 +142,19 @@ def test_decode_logits_equal_no_cache_forward_and_full_cache(tiny):
     assert np.abs(ring_logits - full_logits).max() < 1e-5 * scale
     # the chunked layers really held a 16-slot ring, the NoPE layer every index
     kinds = TINY.layer_kinds[: TINY.scan_period]
-    assert [k.chunked for k in kinds] == [True, True, True, False]
-    assert cache_lengths(TINY, 99) == (16, 16, 16, 99)
-    assert cache_lengths(TINY, 99, chunk_aware=False) == (99,) * 4
+    assert [k.chunked for k in kinds] == [True, False]
+    assert cache_lengths(TINY, 99) == (16, 99)
+    assert cache_lengths(TINY, 99, chunk_aware=False) == (99,) * 2
 
 
 def test_cache_bytes_measured_and_scout_arithmetic():
     cache = init_cache(TINY, batch=2, max_len=200)
     per_layer_token = 2 * TINY.num_key_value_heads * TINY.head_dim * 4  # K and V, fp32
     groups = TINY.num_hidden_layers // TINY.scan_period
-    expected = 2 * groups * per_layer_token * (3 * 16 + 200)  # 3 ring slots of 16, 1 full
+    expected = 2 * groups * per_layer_token * (16 + 200)  # 1 ring slot of 16, 1 full
     assert tree_bytes(cache) == expected == cache_bytes(TINY, 200, batch=2, dtype="float32")
     assert cache_bytes(TINY, 200, chunk_aware=False, batch=2, dtype="float32") == (
-        2 * groups * per_layer_token * 4 * 200
+        2 * groups * per_layer_token * 2 * 200
     )
     # Scout, bf16: 12 NoPE layers keep every token, 36 chunked layers 8192 tokens each
     scout = preset("scout")

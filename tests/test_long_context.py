@@ -1,6 +1,9 @@
 """Long context: logits vs transformers over thousands of tokens, chunked prefill, blockwise
 cross-entropy, and the long-prompt checks of `l4jax generate`."""
 
+import functools
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +24,10 @@ def test_logits_match_transformers_over_thousands_of_tokens(tmp_path):
     """2,500 tokens of a Scout-like config with chunk 16 and floor_scale 16: ~150 chunks and
     temperature floors; l4jax's blockwise attention (the `auto` choice at this length) and its
     einsum oracle both match transformers' eager attention."""
-    hf_cfg = dict(SCOUT_LIKE, num_hidden_layers=4, max_position_embeddings=4096)
+    # 2 layers: one chunked RoPE layer, one NoPE layer (both attention kinds, half the compile)
+    hf_cfg = dict(
+        SCOUT_LIKE, num_hidden_layers=2, no_rope_layer_interval=2, max_position_embeddings=4096
+    )
     hf = build_hf_model(hf_cfg, seed=1)
     hf.save_pretrained(tmp_path)
     tokens = RNG.integers(0, 256, (1, 2500))
@@ -32,7 +38,15 @@ def test_logits_match_transformers_over_thousands_of_tokens(tmp_path):
         assert rel_err(got, ref) < 1e-4, impl
 
 
-TINY = preset("tiny", attention_chunk_size=16, floor_scale=16, attention_impl="blockwise")
+# 2 layers: one chunked RoPE layer (dense FFN), one NoPE layer (MoE)
+TINY = preset(
+    "tiny",
+    num_hidden_layers=2,
+    no_rope_layer_interval=2,
+    attention_chunk_size=16,
+    floor_scale=16,
+    attention_impl="blockwise",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +81,24 @@ def test_chunked_prefill_equals_whole_prefill_and_greedy_equals_forward_argmax(t
     np.testing.assert_allclose(whole_logits, ref, atol=1e-4)
 
 
-def test_prompt_longer_than_max_positions_is_a_clear_error(tiny, tmp_path, capsys):
+def _drawn_params(config, seed=0):
+    """Random weights without compiling init_params (its forward compiles longer than a whole
+    3-token generation)."""
+    shapes = jax.eval_shape(functools.partial(init_params, config, 0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def test_prompt_longer_than_max_positions_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch):
     model, params = tiny
-    short = preset("tiny", max_position_embeddings=64)
+    short = TINY.replace(max_position_embeddings=64)
     loop = make_loop(Llama4ForCausalLM(short), 1, 4)
     with pytest.raises(InputError, match="prompt: 65 tokens, more than the model.s max_position"):
         prefill(loop, params, np.zeros((1, 65), np.int32), [65], jax.random.key(0), ())
     missing = tmp_path / "nope.txt"
     assert cli.main(["generate", "--preset", "tiny", "--prompt-file", str(missing)]) == 2
     assert "nope.txt" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.import_module("l4jax.generate_cli"), "init_params", _drawn_params)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time " * 20, encoding="utf-8")
     argv = ["generate", "--preset", "tiny", "--prompt-file", str(prompt), "--max-new-tokens", "3"]
