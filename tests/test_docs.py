@@ -224,8 +224,8 @@ RUN: dict[str, Run] = {
 }
 
 # doc command -> test node(s) exercising the same code path
-POST_CLI = "tests/test_post.py::test_cli_sft_lora_merge_export_and_grpo_reward_file"
-POST_RESUME = "tests/test_post.py::test_kill_9_and_resume_is_bit_identical"
+POST_CLI = "tests/test_post_cli.py::test_cli_sft_lora_merge_export_and_grpo_reward_file"
+POST_RESUME = "tests/test_post_cli.py::test_kill_9_and_resume_is_bit_identical"
 COVERED: dict[str, str | tuple[str, ...]] = {
     # docs/post_training.md
     "l4jax train --task sft --preset demo --steps 200": (POST_CLI, POST_RESUME),

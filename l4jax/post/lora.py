@@ -223,8 +223,13 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
         base = init(jax.random.key(tc.get("seed", 0)))
         if post.get("quantize"):  # QLoRA: the base the adapters were trained on
             base = quantize(base, config, post["quantize"])
-    # a QLoRA base: dequantized where adapted; untargeted weights stay quantized in the output
-    merged = merge(base, adapters, lora, jnp.dtype(config.param_dtype))
+    # a QLoRA base: every weight dequantized (adapted ones with their update): a plain checkpoint
+    dtype = jnp.dtype(config.param_dtype)
+    merged = merge(base, adapters, lora, dtype)
+    merged = jax.tree.map(
+        lambda w: w.astype(dtype) if isinstance(w, QArray) else w,
+        merged, is_leaf=lambda x: isinstance(x, QArray),
+    )  # fmt: skip
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
