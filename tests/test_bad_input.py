@@ -183,10 +183,12 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_save_resumes_from_the_last_complete_step(tmp_path):
-    run = tmp_path / "run"
+    run, config = tmp_path / "run", tmp_path / "config.json"
+    l4jax.preset("tiny", num_hidden_layers=1).to_json_file(config)  # (a short compile)
     argv = [
-        "train", "--preset", "tiny", "--steps", "4", "--save-every", "1", "--batch-size", "8",
-        "--seq-len", "32", "--checkpoint-dir", str(run), "--sample-tokens", "0", "--no-progress",
+        "train", "--config", str(config), "--steps", "4", "--save-every", "1", "--batch-size",
+        "8", "--seq-len", "32", "--checkpoint-dir", str(run), "--sample-tokens", "0",
+        "--no-progress",
     ]  # fmt: skip
     killed = run_python(KILL_MID_SAVE, *argv)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -36,8 +36,13 @@ TINY = preset("tiny")
 
 
 def _train_cmd(run_dir: Path, steps: int, extra=()) -> list[str]:
+    """`l4jax train` of a 2-layer tiny model (one dense, one MoE layer: a short compile), whose
+    config.json is written next to `run_dir`."""
+    config = run_dir.parent / "tiny2.json"
+    if not config.exists():
+        preset("tiny", num_hidden_layers=2).to_json_file(config)
     return [
-        sys.executable, "-m", "l4jax", "train", "--preset", "tiny", "--steps", str(steps),
+        sys.executable, "-m", "l4jax", "train", "--config", str(config), "--steps", str(steps),
         "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--mesh", "fsdp=4,expert=2",
         "--checkpoint-dir", str(run_dir), "--sample-tokens", "0", "--no-progress",
         "--log-every", "1000", *extra,

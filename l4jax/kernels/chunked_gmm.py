@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from l4jax.quantization import QArray
 
@@ -168,6 +169,32 @@ def _bwd(chunk_sizes: ChunkSizes, residuals: tuple[Array, Array, Array], dout: A
 _chunked_gmm.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_qgmm(lhs: Array, rhs: QArray, group_sizes: Array, chunk_sizes: ChunkSizes) -> Array:
+    return _gmm_loop(lhs, rhs, group_sizes, chunk_sizes, transpose_rhs=False)
+
+
+def _qfwd(lhs: Array, rhs: QArray, group_sizes: Array, chunk_sizes: ChunkSizes):
+    return _chunked_qgmm(lhs, rhs, group_sizes, chunk_sizes), (rhs, group_sizes)
+
+
+def _qbwd(chunk_sizes: ChunkSizes, residuals: tuple[QArray, Array], dout: Array):
+    """Gradient in lhs only (a quantized weight is frozen: QLoRA trains adapters through it),
+    dequantizing one expert at a time as the forward does; zero cotangents for the weight."""
+    rhs, group_sizes = residuals
+    dlhs = _gmm_loop(dout, rhs, group_sizes, chunk_sizes, transpose_rhs=True)
+    return dlhs.astype(dout.dtype), jax.tree.map(_zero_cotangent, rhs), None
+
+
+def _zero_cotangent(x: Array) -> Array:
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return np.zeros(x.shape, jax.dtypes.float0)
+    return jnp.zeros_like(x)
+
+
+_chunked_qgmm.defvjp(_qfwd, _qbwd)
+
+
 def chunked_gmm(
     lhs_mk: Array,
     rhs_gkn: Array | QArray,
@@ -176,7 +203,7 @@ def chunked_gmm(
 ) -> Array:
     """Grouped matmul ``lhs [M, K] x rhs [G, K, N] -> [M, N]`` (``jax.lax.ragged_dot``
     semantics, output in lhs's dtype, fp32 accumulation); differentiable in lhs and rhs.
-    A quantized ``rhs`` (`l4jax.quantization.QArray`) is for inference: not differentiated."""
+    A quantized ``rhs`` (`l4jax.quantization.QArray`) is frozen: differentiable in lhs only."""
     if tuple(sorted(chunk_sizes, reverse=True)) != tuple(chunk_sizes) or min(chunk_sizes) < 1:
         raise ValueError(f"chunk_sizes must be positive and descending, got {chunk_sizes}")
     if rhs_gkn.shape[1] != lhs_mk.shape[1] or group_sizes.shape != (rhs_gkn.shape[0],):
@@ -185,5 +212,5 @@ def chunked_gmm(
             f"group_sizes {group_sizes.shape} do not fit [M, K] x [G, K, N] with [G] sizes"
         )
     if isinstance(rhs_gkn, QArray):
-        return _gmm_loop(lhs_mk, rhs_gkn, group_sizes, tuple(chunk_sizes), transpose_rhs=False)
+        return _chunked_qgmm(lhs_mk, rhs_gkn, group_sizes, tuple(chunk_sizes))
     return _chunked_gmm(lhs_mk, rhs_gkn, group_sizes, tuple(chunk_sizes))
