@@ -1,10 +1,29 @@
 """Test setup: 8 simulated CPU devices (set before JAX initialises), shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache for the whole run: most tests compile the same small
+# models, and the CLI/doc tests compile them again in child processes. The process that first
+# imports this file (pytest, or xdist's controller) makes the directory; xdist workers and every
+# child process inherit it through the environment, and the creator removes it at the end.
+# A user's own JAX_COMPILATION_CACHE_DIR is used and left alone. (Tests that kill -9 a child set
+# their own per-test directory, so a killed write never reaches this one.)
+CACHE_OWNER = "L4JAX_TEST_JIT_CACHE_OWNER"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l4jax-test-jit-cache-")
+    os.environ[CACHE_OWNER] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(CACHE_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 # The longest test files first (the order of their totals in a `--durations` run), so the two
 # workers of the README's `pytest -n 2 --dist loadfile` pick them up early and finish together

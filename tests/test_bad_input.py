@@ -50,6 +50,9 @@ def run_python(code: str, *args: str, limit_bytes: int | None = None):
     """A child python; `limit_bytes`: RLIMIT_FSIZE (writes past it fail with EFBIG, as on a
     full disk; SIGXFSZ ignored so the write returns the error)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    # These children are killed or starved of disk mid-write: keep them out of the run's shared
+    # compilation cache (conftest), where a half-written entry would outlive them.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
     def limit() -> None:
         if limit_bytes is not None:
