@@ -25,6 +25,7 @@ def pytest_unconfigure(config):
     if os.environ.get(CACHE_OWNER) == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+
 # The longest test files first (the order of their totals in a `--durations` run), so the two
 # workers of the README's `pytest -n 2 --dist loadfile` pick them up early and finish together
 # instead of one worker running a long file alone at the end. Order only; keep it roughly
