@@ -1,11 +1,14 @@
-"""Post-training benchmark: SFT full fine-tuning vs LoRA (tokens/s, memory), GRPO step split.
+"""Post-training benchmark: SFT full fine-tuning vs LoRA vs QLoRA (tokens/s, memory), GRPO
+step split.
 
     python benchmarks/post_training.py --config moe16 --batch 4 --seq 256 --steps 3
 
 For each mode the compiled train step's memory analysis gives the bytes of its arguments (the
 train state: params + optimizer state, plus frozen arrays and the batch) and its temporaries;
-tokens/s is the mean over `--steps` timed steps after one untimed step. The GRPO row times one
-step's rollout (`l4jax.generate` sampling, rewards, old log-probs) and its learner step apart.
+tokens/s is the mean over `--steps` timed steps after one untimed step. QLoRA is LoRA on a
+base quantized with Meta's int4 recipe (`--quantize int4`: routed experts int4, the rest bf16).
+The GRPO row times one step's rollout (`l4jax.generate` sampling, rewards, old log-probs) and
+its learner step apart.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ def _trainer(config, tc):
     return Trainer(config, tc, mesh, lambda m: make_task(config, tc, ByteTokenizer(), m))
 
 
-def run_sft(config, batch: int, seq: int, steps: int, lora_rank: int) -> dict:
-    post = PostConfig(lora_rank=lora_rank, lora_targets=("attention", "shared_expert"))
+def run_sft(config, batch: int, seq: int, steps: int, lora_rank: int, quantize=None) -> dict:
+    post = PostConfig(
+        lora_rank=lora_rank, lora_targets=("attention", "shared_expert"), quantize=quantize
+    )
     tc = TrainConfig(
         steps=steps + 1, batch_size=batch, seq_len=seq, task="sft", post=post,
         logging=LoggingConfig(progress=False), sample=SampleConfig(tokens=0),
@@ -49,8 +54,9 @@ def run_sft(config, batch: int, seq: int, steps: int, lora_rank: int) -> dict:
     jax.block_until_ready(m["loss"])
     seconds = (time.perf_counter() - start) / steps
     trained = sum(x.size for x in jax.tree.leaves(state.params))
+    mode = f"sft lora r{lora_rank}" if lora_rank else "sft full"
     return {
-        "mode": f"sft lora r{lora_rank}" if lora_rank else "sft full",
+        "mode": f"sft qlora r{lora_rank} {quantize}" if quantize else mode,
         "trained_params": int(trained),
         "tokens_per_s": batch * seq / seconds,
         "argument_gb": memory.argument_size_in_bytes / 1e9,
@@ -103,18 +109,20 @@ def main() -> int:
     rows = [
         run_sft(config, args.batch, args.seq, args.steps, 0),
         run_sft(config, args.batch, args.seq, args.steps, args.lora_rank),
+        run_sft(config, args.batch, args.seq, args.steps, args.lora_rank, "int4"),
     ]
     for r in rows:
         print(
-            f"  {r['mode']:<14} trained {r['trained_params'] / 1e6:8.2f} M  "
+            f"  {r['mode']:<19} trained {r['trained_params'] / 1e6:8.2f} M  "
             f"{r['tokens_per_s']:9,.0f} tok/s  arguments {r['argument_gb']:.3f} GB  "
             f"temporaries {r['temp_gb']:.3f} GB"
         )
-    full, lora = rows
-    print(
-        f"  LoRA / full: tokens/s {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, "
-        f"arguments {lora['argument_gb'] / full['argument_gb']:.2f}x"
-    )
+    full = rows[0]
+    for name, r in (("LoRA", rows[1]), ("QLoRA", rows[2])):
+        print(
+            f"  {name} / full: tokens/s {r['tokens_per_s'] / full['tokens_per_s']:.2f}x, "
+            f"arguments {r['argument_gb'] / full['argument_gb']:.2f}x"
+        )
     grpo = run_grpo(config, args.grpo_batch, args.steps, 8, 16)
     total = grpo["rollout_s"] + grpo["learn_s"]
     print(

@@ -278,6 +278,13 @@ def read_run_config(directory: str | os.PathLike, **runtime: Any) -> Llama4Confi
     return Llama4Config.from_json_file(path, **runtime)
 
 
+def is_training_run(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is an l4jax training run (its config.json and step directories), as
+    opposed to a checkpoint (`--init-from` and `from_pretrained` accept both)."""
+    d = Path(directory)
+    return (d / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in d.iterdir())
+
+
 def step_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
     """The directory of a finished step of a run (default: the latest)."""
     directory = Path(directory).absolute()

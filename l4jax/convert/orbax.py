@@ -39,9 +39,9 @@ from l4jax.convert.quantized import (
     checkpoint_mode,
     config_dict,
     dequantize_piece,
+    qarray_sharding,
     quantize_piece,
     quantized_struct,
-    scale_sharding,
     stored_arrays,
 )
 from l4jax.convert.zarr_layout import (
@@ -56,7 +56,6 @@ from l4jax.convert.zarr_layout import (
     zarr_dtype,
 )
 from l4jax.errors import CheckpointError, ConfigError, read_json_object
-from l4jax.quantization import QArray
 from l4jax.vision_config import model_config, with_runtime
 
 CONFIG_FILE = "config.json"
@@ -455,8 +454,7 @@ def restore_params(
             )
             set_path(restore_args, prefix + param, args)
             continue
-        if not isinstance(sharding, QArray):  # the weight's: its scale's follows
-            sharding = QArray(sharding, scale_sharding(sharding, q))
+        sharding = qarray_sharding(sharding, q)
         for field in FIELDS:
             leaf = getattr(q, field)
             args = ocp.ArrayRestoreArgs(

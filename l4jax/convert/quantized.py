@@ -137,3 +137,20 @@ def scale_sharding(sharding: Any, q: Any) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(sharding.mesh, scale_spec(sharding.spec, q))
     return sharding
+
+
+def qarray_sharding(sharding: Any, q: Any) -> QArray:
+    """A quantized weight's sharding as a `QArray` of two (values', scale's): given as one (the
+    weight's; its scale's follows, `scale_sharding`) or already as two."""
+    if isinstance(sharding, QArray):
+        return sharding
+    return QArray(sharding, scale_sharding(sharding, q))
+
+
+def place_param(w: Any, sharding: Any) -> Any:
+    """`jax.device_put` of a param; a `QArray`'s scale is placed like its values
+    (`qarray_sharding`). Loaders place quantized and plain params through this one function."""
+    if isinstance(w, QArray):
+        s = qarray_sharding(sharding, w)
+        return QArray(*(jax.device_put(getattr(w, f), getattr(s, f)) for f in FIELDS))
+    return jax.device_put(w, sharding)

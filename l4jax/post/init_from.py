@@ -11,7 +11,6 @@ import jax
 
 from l4jax.config import Llama4Config
 from l4jax.errors import ConfigError
-from l4jax.quantization import QArray
 from l4jax.quantization import quantize as quantize_params
 
 
@@ -20,26 +19,21 @@ def load_init(path: str, config: Llama4Config, shardings: Any, quantize: str | N
     on `shardings`; the checkpoint must hold the model being trained. `quantize`: QLoRA's base,
     quantized while streaming from a checkpoint (a training run's params: after restoring)."""
     # imported on use: they load Orbax and tensorstore
-    from l4jax.checkpoint import CONFIG_FILE, restore_run
+    from l4jax.checkpoint import is_training_run, restore_run
     from l4jax.convert import from_pretrained
-    from l4jax.convert.quantized import scale_sharding
-
-    def place(sharding: Any, w: Any) -> Any:  # a QArray's scale shards with its values
-        if isinstance(w, QArray):
-            return QArray(jax.device_put(w.qvalue, sharding),
-                          jax.device_put(w.scale, scale_sharding(sharding, w)))  # fmt: skip
-        return jax.device_put(w, sharding)
+    from l4jax.convert.quantized import place_param
 
     p = Path(path)
     runtime = {"dtype": config.dtype, "param_dtype": config.param_dtype}
-    if (p / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in p.iterdir()):
-        loaded, params = restore_run(p, shardings=shardings, **runtime)  # a training run
+    if is_training_run(p):
+        loaded, params = restore_run(p, shardings=shardings, **runtime)
         if quantize:
             params = quantize_params(params, loaded, quantize)
     else:
         model, params = from_pretrained(p, text_only=True, quantize=quantize, **runtime)
         loaded = model.config
-        params = jax.tree.map(place, shardings, params, is_leaf=is_sharding)
+        params = jax.tree.map(lambda s, w: place_param(w, s), shardings, params,
+                              is_leaf=is_sharding)  # fmt: skip
     if loaded.replace(moe_impl=config.moe_impl, remat_policy=config.remat_policy) != config:
         raise ConfigError(f"--init-from {path}: holds another model than the one configured")
     return params
@@ -51,12 +45,12 @@ def is_sharding(x: Any) -> bool:
 
 def init_from_config(path: str, **runtime: Any) -> Llama4Config:
     """The model config of an `--init-from` checkpoint or training run."""
-    from l4jax.checkpoint import read_run_config
+    from l4jax.checkpoint import is_training_run, read_run_config
     from l4jax.convert.formats import open_checkpoint, source_config
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--init-from {path}: no such directory")
-    if (p / "config.json").is_file() and any(c.name.isdigit() for c in p.iterdir()):
+    if is_training_run(p):
         return read_run_config(p, **runtime)
     return source_config(open_checkpoint(p), **runtime)
