@@ -753,7 +753,13 @@ RUNNABLE = [
 ]
 
 
-@pytest.mark.parametrize("file", RUNNABLE)
+# the docs whose commands train, generate or convert end to end (a minute or more each): slow
+SLOW_DOCS = {"docs/training.md", "docs/inference.md", "docs/vision.md", "docs/quantization.md"}
+
+
+@pytest.mark.parametrize(
+    "file", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_DOCS else f for f in RUNNABLE]
+)
 def test_doc_file_runs(file, inputs, tmp_path):
     """Follow `file` top to bottom: its RUN commands and ```python snippets, in order."""
     cwd = workspace(file, inputs, tmp_path)
@@ -799,7 +805,8 @@ bash "$0"
 def test_ci_runs_both_readme_quickstart_lines():
     """`.ci/run` evaluates the README Quickstart's two lines as written: the first in a fresh
     copy of the tree, then checks the demo's loss, generates and preprocesses an image from
-    that venv; then the test line. A loss that did not fall as the README says fails it."""
+    that venv; then the test line, and the slow tests it deselects. A loss that did not fall as
+    the README says fails it."""
     block = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("```bash\n")[1]
     main_line, test_line = block.splitlines()[:2]
     ci = str(ROOT / ".ci" / "run")  # run from another directory: it finds the README itself
@@ -817,8 +824,11 @@ def test_ci_runs_both_readme_quickstart_lines():
     assert "ci: demo loss 6.500 -> 2.100 over 150 steps" in out
     assert "ci: l4jax generate --preset tiny: generated text" in out
     assert any(line.startswith("ci: image tiles") for line in out), out
-    assert out[-2:] == [f"ci: {test_line}", f"EVAL {test_line}"]
+    slow_line = test_line.split("&& ")[-1].replace('-m "not slow"', "-m slow")
+    assert out[-4:] == [f"ci: {test_line}", f"EVAL {test_line}", f"ci: {slow_line}",
+                        f"EVAL {slow_line}"]  # fmt: skip
     assert "pytest" in test_line and '".[test]"' in test_line and "-e ." in main_line
+    assert test_line.endswith('-m "not slow"')
     failed = run(6.5, 3.5)  # the loss did not fall as the README says
     assert failed.returncode != 0 and "EVAL" not in failed.stdout.splitlines()[-1]
     assert "the README says 150 steps" in failed.stderr

@@ -54,6 +54,7 @@ def tiny():
     return Llama4ForCausalLM(TINY), init_params(TINY, rng=3)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_whole_prefill_and_greedy_equals_forward_argmax(tiny):
     """Left-padded prompts crossing many chunks: prefill in pieces of 16 (the attention chunk)
     or 40 tokens gives the whole prefill's tokens and logits, and greedy tokens are the argmax

@@ -27,7 +27,7 @@ def _apply(params, adapters=None, lora=None):
     return np.asarray(jax.jit(Llama4ForCausalLM(CONFIG).apply)(variables, TOKENS))
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_qlora_adapters_on_a_quantized_base_and_merge(mode):
     qparams = quantize(init_params(CONFIG, jax.random.key(0)), CONFIG, mode)
     assert quantized_leaves(qparams)  # the base really is quantized

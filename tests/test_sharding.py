@@ -95,7 +95,11 @@ def _assert_sharded_as_ruled(tree, mesh, logical_axes):
             assert shard[dim] * ways == leaf.shape[dim], (jax.tree_util.keystr(path), dim)
 
 
-@pytest.mark.parametrize("strategy", list(MESHES))
+# fsdp+tp and fsdp+ep are each covered in the default suite by data+ep+tp: slow
+@pytest.mark.parametrize(
+    "strategy",
+    [pytest.param(s, marks=pytest.mark.slow) if s in ("fsdp+tp", "fsdp+ep") else s for s in MESHES],
+)
 def test_sharded_step_matches_unsharded(reference, strategy):
     params, want_params, want = reference
     spec, micro = MESHES[strategy]
@@ -149,7 +153,9 @@ def multimodal_reference():
     return params, tokens, pixels, np.asarray(want)
 
 
-@pytest.mark.parametrize("mesh_spec", ["fsdp=8", "data=2,expert=2,tensor=2"])
+@pytest.mark.parametrize(
+    "mesh_spec", [pytest.param("fsdp=8", marks=pytest.mark.slow), "data=2,expert=2,tensor=2"]
+)
 def test_sharded_multimodal_forward_matches_unsharded(multimodal_reference, mesh_spec):
     params, tokens, pixels, want = multimodal_reference
     mesh = make_mesh(mesh_spec)

@@ -489,6 +489,7 @@ def cli_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     return path / "ckpt", path / "wide.png", path / "small.png"
 
 
+@pytest.mark.slow  # the CLI end to end; the image path in-process is in the default suite
 def test_generate_cli_with_image(
     cli_checkpoint: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
