@@ -249,7 +249,12 @@ COVERED: dict[str, str | tuple[str, ...]] = {
         TRAIN_CLI,
     ),
     'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest '
-    "-q -n 2 --dist loadfile": "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
+    '-q -n 2 --dist loadfile -m "not slow"': (
+        "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines"
+    ),
+    ".venv/bin/python -m pytest -q -n 2 --dist loadfile -m slow": (
+        "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines"
+    ),
     ".ci/run": "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
     'pip install -e ".[torch]"': EXTRAS,
     "l4jax convert SRC DST [--to l4jax|hf] [--dtype bfloat16|float32]": (

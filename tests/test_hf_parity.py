@@ -64,8 +64,8 @@ def test_bf16_logits_within_documented_tolerance(reference):
     [
         dict(chunked_layers=(True,) * 8),  # chunked attention on the NoPE layers too
         dict(attn_temperature_tuning=False),
-        dict(rope_scaling=None),
-        dict(floor_scale=8192),
+        pytest.param(dict(rope_scaling=None), marks=pytest.mark.slow),
+        pytest.param(dict(floor_scale=8192), marks=pytest.mark.slow),
     ],
 )
 def test_parity_check_detects_position_bugs(tmp_path, break_it):
