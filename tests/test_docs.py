@@ -311,6 +311,7 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/NAME.py --help": HELP,
     "python benchmarks/moe.py --part model": HELP,
     "python benchmarks/quantize.py --parts speed": HELP,
+    "python benchmarks/post_training.py --config moe16 --batch 4 --seq 256 --steps 3": HELP,
     "python benchmarks/quantize.py --parts roofline": HELP,
     "python benchmarks/quantize.py --parts quality --train-steps 150": HELP,
     "python benchmarks/moe.py --part layer --runs 7": HELP,
