@@ -17,8 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # models, and the CLI/doc tests compile them again in child processes. The process that first
 # imports this file (pytest, or xdist's controller) makes the directory; xdist workers and every
 # child process inherit it through the environment, and the creator removes it at the end.
-# A user's own JAX_COMPILATION_CACHE_DIR is used and left alone. (Tests that kill -9 a child set
-# their own per-test directory, so a killed write never reaches this one.)
+# A user's own JAX_COMPILATION_CACHE_DIR is used and left alone. (Children that are killed -9 or
+# starved of disk set a per-test directory or run without a cache, so a half-written entry never
+# reaches this one.)
 CACHE_OWNER = "L4JAX_TEST_JIT_CACHE_OWNER"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l4jax-test-jit-cache-")

@@ -81,7 +81,7 @@ def test_sharded_attention_and_gradients_equal_unsharded(chunk, impl):
                 jax.value_and_grad(lambda *a: loss(split, *a), argnums=(0, 1, 2), has_aux=True)
             )(q, k, v)
         np.testing.assert_allclose(got_out, want_out, atol=2e-6, rtol=2e-5)
-        np.testing.assert_allclose(got, want, rtol=2e-5)  # a sum of ~4k terms: the outputs' rtol
+        np.testing.assert_allclose(got, want, rtol=2e-5)  # a sum of every output: their rtol
         for g, w in zip(got_g, want_g):
             np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-4)
 

@@ -78,7 +78,7 @@ def test_packed_segments_do_not_attend_across(params):
 
 
 COMPILE_SECONDS = """
-import sys, time
+import time
 import jax, jax.numpy as jnp
 from l4jax import Llama4ForCausalLM, init_params, preset
 def seconds(num_layers):
