@@ -241,13 +241,20 @@ def cp_memory(lengths: list[int]) -> None:
         m = compiled.memory_analysis()
         return f"{(m.argument_size_in_bytes + m.temp_size_in_bytes) / 2**20:.1f}"
 
+    def identity(f):
+        return f
+
+    def grad_of_sum(f):  # -> the gradient of sum(f(q, k, v)) wrt q, k and v
+        return jax.grad(lambda *qkv: jnp.sum(f(*qkv)), argnums=(0, 1, 2))
+
     def prefill(params, tokens):
         return model.apply({"params": params}, tokens, method="forward", output="last_logits")[0]
 
     print(f"config tiny, chunk {config.attention_chunk_size}, batch 1, float32, 8 CPU devices")
     print("| tokens | prefill 1 device MiB | prefill sequence=8 MiB/device | NoPE attention "
-          "1 device MiB | ring MiB/device | all-gather MiB/device |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "1 device MiB | ring MiB/device | all-gather MiB/device | its gradient 1 device MiB "
+          "| ring MiB/device | all-gather MiB/device |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     mesh = make_mesh("sequence=8")
     n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     for t in lengths:
@@ -262,19 +269,20 @@ def cp_memory(lengths: list[int]) -> None:
         qkv = [jax.ShapeDtypeStruct((1, t, m, h), jnp.float32) for m in (n, k, k)]
         row = [str(t), mib(one), mib(cp)]
         mask = self_mask(pos, seg, None)
-        fn = jax.jit(lambda q, k, v, mask=mask: attention("auto", q, k, v, mask))
-        row.append(mib(fn.lower(*qkv).compile()))
-        for exchange in ("ring", "all_gather"):
-            cp_attn = ContextParallel(mesh.abstract_mesh, ("sequence",), exchange=exchange)
-            spec = NamedSharding(mesh, PartitionSpec(None, "sequence"))
-            sharded = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec) for x in qkv]
-            with mesh_context(mesh):
-                fn = jax.jit(
+        spec = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+        sharded = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec) for x in qkv]
+        for with_grad in (identity, grad_of_sum):  # the attention, then its gradient
+            fn = with_grad(lambda q, k, v, mask=mask: attention("auto", q, k, v, mask)[0])
+            row.append(mib(jax.jit(fn).lower(*qkv).compile()))
+            for exchange in ("ring", "all_gather"):
+                cp_attn = ContextParallel(mesh.abstract_mesh, ("sequence",), exchange=exchange)
+                fn = with_grad(
                     lambda q, k, v, cp_attn=cp_attn, pos=pos, seg=seg: cp_attn.self_attention(
                         "auto", q, k, v, pos, seg, None
                     )
                 )
-                row.append(mib(fn.lower(*sharded).compile()))
+                with mesh_context(mesh):
+                    row.append(mib(jax.jit(fn).lower(*sharded).compile()))
         print("| " + " | ".join(row) + " |", flush=True)
 
 

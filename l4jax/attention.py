@@ -310,10 +310,19 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
 
 
 def _blockwise_bwd(chunk_size, block_q, block_k, residuals, cotangents):
-    """Recompute each visible block's probabilities from the saved logsumexp (flash-attention
-    backward): dS = P * (dO V^T - rowsum(dO * O) + dlse)."""
     q_btnh, k_bskh, v_bskh, mask_arrays, out, lse = residuals
-    dout, dlse = cotangents
+    dq, dk, dv = _flash_backward(
+        q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, out, lse, *cotangents, block_q, block_k
+    )
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_arrays)
+    return dq.astype(q_btnh.dtype), dk.astype(k_bskh.dtype), dv.astype(v_bskh.dtype), zeros
+
+
+def _flash_backward(
+    q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, out, lse, dout, dlse, block_q, block_k
+):
+    """fp32 (dq, dk, dv): recompute each visible block's probabilities from the logsumexp
+    (flash-attention backward): dS = P * (dO V^T - rowsum(dO * O) + dlse)."""
     b, t, n, h = q_btnh.shape
     s, kv = k_bskh.shape[1], k_bskh.shape[2]
     g = n // kv
@@ -382,16 +391,32 @@ def _blockwise_bwd(chunk_size, block_q, block_k, residuals, cotangents):
     )
     (dk, dv), dq_blk = jax.lax.scan(one_query_block, (dkv0, dkv0), xs)
     dq = dq_blk.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
-    zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_arrays)
-    return (
-        dq.astype(q_btnh.dtype),
-        dk[:, :s].astype(k_bskh.dtype),
-        dv[:, :s].astype(v_bskh.dtype),
-        zeros,
-    )
+    return dq, dk[:, :s], dv[:, :s]
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def attention_grads(
+    q_btnh: Array,
+    k_bskh: Array,
+    v_bskh: Array,
+    mask: MaskSpec,
+    out_btnh: Array,
+    lse_btn: Array,
+    dout_btnh: Array,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Array, Array, Array]:
+    """fp32 (dq, dk, dv) of the part of an attention output that came from the keys in `mask`,
+    given the final output and logsumexp, which may cover more keys than these (the flash
+    backward, block by block, memory O(T + S)). Summed over disjoint key sets it is the
+    gradient of their merged output: ring attention's backward takes the K/V blocks in turn."""
+    arrays = tuple(x.astype(jnp.int32) for x in mask[:4])
+    return _flash_backward(
+        q_btnh, k_bskh, v_bskh, arrays, mask.chunk_size, out_btnh, lse_btn, dout_btnh, None,
+        block_q, block_k,
+    )  # fmt: skip
 
 
 def blockwise_attention(

@@ -25,9 +25,10 @@ Global layers: the ring moves (n - 1) K/V shards per device, as an all-gather of
 holds two shards (this step's and the next) where the all-gather holds all n;
 `exchange="all_gather"` keeps the simpler path for comparison (docs/long_context.md,
 `benchmarks/long_context.py --cp`).
-Under autodiff the ring's per-step residuals keep every K/V shard that passed through (the
-backward pass of `ppermute` is a ppermute back), so training memory for the global layers'
-K/V is that of the all-gather; the saving is at inference (prefill). Causal load balance
+The ring has its own backward pass: the K/V shards go round again, each with its dK/dV
+accumulator (autodiff of the forward scan kept every K/V shard that passed through: more
+memory than the all-gather, docs/long_context.md), so training holds two K/V shards per
+device too. Causal load balance
 (zig-zag shard order) is not done: shard r computes r + 1 of the n ring steps.
 
 `for_mesh()` picks this path from the ambient mesh and logical rules
@@ -46,9 +47,17 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from l4jax.attention import MaskSpec, attention, merge_partials, resolve_impl, self_mask
+from l4jax.attention import (
+    MaskSpec,
+    attention,
+    attention_grads,
+    merge_partials,
+    resolve_impl,
+    self_mask,
+)
 from l4jax.errors import ConfigError
 
 Array = jax.Array
@@ -214,6 +223,16 @@ def _chunked_local(impl, chunk, axes, n, q, k, v, pos, seg) -> Array:
 
 
 def _ring_local(impl, axes, n, q, k, v, pos, seg) -> Array:
+    return _ring(impl, axes, n, q, k, v, pos, seg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(impl, axes, n, q, k, v, pos, seg) -> Array:
+    return _ring_forward(impl, axes, n, q, k, v, pos, seg)[0]
+
+
+def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
+    """-> (out, fp32 logsumexp) of this shard's queries over every shard's keys."""
     r = jax.lax.axis_index(axes)
     b, t, heads, _ = q.shape
 
@@ -234,7 +253,53 @@ def _ring_local(impl, axes, n, q, k, v, pos, seg) -> Array:
     with jax.named_scope("cp_ring"):
         acc = attend((k, v, pos, seg))  # the diagonal block
         (acc, _), _ = jax.lax.scan(step, (acc, (k, v, pos, seg)), jnp.arange(1, n))
-    return acc[0]
+    return acc
+
+
+def _ring_fwd(impl, axes, n, q, k, v, pos, seg):
+    out, lse = _ring_forward(impl, axes, n, q, k, v, pos, seg)
+    return out, (q, k, v, pos, seg, out, lse)
+
+
+def _ring_bwd(impl, axes, n, residuals, dout):
+    """The K/V blocks go round the ring again, each with its fp32 dK/dV accumulator; every
+    shard adds its queries' share (`attention_grads`, from the saved output and logsumexp) and
+    passes both on; one last shift brings each accumulator home. Autodiff of the forward scan
+    would keep every K/V block that passed through (an all-gather's memory); this keeps two.
+    (Whatever `impl` ran forward, the gradient is the blockwise flash backward's: same math.)"""
+    q, k, v, pos, seg, out, lse = residuals
+    r = jax.lax.axis_index(axes)
+
+    def grads(kv):
+        kk, vv, kp, ks = kv
+        return attention_grads(q, kk, vv, MaskSpec(pos, kp, seg, ks, None), out, lse, dout)
+
+    def nothing(kv):
+        kk, vv, _, _ = kv
+        return (
+            jnp.zeros(q.shape, jnp.float32),
+            jnp.zeros(kk.shape, jnp.float32),
+            jnp.zeros(vv.shape, jnp.float32),
+        )
+
+    def step(carry, i):  # the same order as the forward: shard (r - i) mod n's block
+        dq, kv, (dk, dv) = carry
+        kv = tuple(_shift(x, axes, n) for x in kv)
+        dk, dv = _shift(dk, axes, n), _shift(dv, axes, n)
+        dq_i, dk_i, dv_i = jax.lax.cond((r - i) % n <= r, grads, nothing, kv)
+        return (dq + dq_i, kv, (dk + dk_i, dv + dv_i)), None
+
+    with jax.named_scope("cp_ring_grad"):
+        dq, dk, dv = grads((k, v, pos, seg))
+        carry = (dq, (k, v, pos, seg), (dk, dv))
+        (dq, _, (dk, dv)), _ = jax.lax.scan(step, carry, jnp.arange(1, n))
+        # shard r now holds shard r + 1's accumulators: one more step brings them home
+        dk, dv = _shift(dk, axes, n), _shift(dv, axes, n)
+    zeros = tuple(np.zeros(x.shape, jax.dtypes.float0) for x in (pos, seg))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _gather_local(impl, axes, q, k, v, pos, seg) -> Array:
