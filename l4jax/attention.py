@@ -26,7 +26,9 @@ Backends:
 
 Every backend but `splash` also returns the fp32 logsumexp of each query's scores, so partial
 results over disjoint key sets merge exactly (`merge_partials`): the KV-cache prefill of one
-piece against the cache and itself, and context-parallel ring attention, use it.
+piece against the cache and itself, and context-parallel ring attention, use it. Splash
+returns it when asked (`splash_attention(need_lse=True)`, its saved residual): the ring's
+steps on TPU.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def attention(
         if impl == "blockwise":
             return blockwise_attention(q_btnh, k_bskh, v_bskh, mask)
         if impl == "splash":
-            return splash_attention(q_btnh, k_bskh, v_bskh, mask), None
+            return splash_attention(q_btnh, k_bskh, v_bskh, mask)
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
@@ -447,10 +449,21 @@ def visited_blocks(mask: MaskSpec, block_q: int = BLOCK_Q, block_k: int = BLOCK_
 
 
 def splash_attention(
-    q_btnh: Array, k_bskh: Array, v_bskh: Array, mask: MaskSpec, interpret: bool | None = None
-) -> Array:
-    """Self-attention with JAX's splash kernel (T == S; positions must equal indices, see the
-    module docstring). `interpret` (default: off TPU) runs the kernel in the Pallas interpreter."""
+    q_btnh: Array,
+    k_bskh: Array,
+    v_bskh: Array,
+    mask: MaskSpec,
+    interpret: bool | None = None,
+    causal: bool = True,
+    need_lse: bool = False,
+) -> tuple[Array, Array | None]:
+    """(out, fp32 logsumexp [B, T, N] if `need_lse` else None) of JAX's splash kernel: T
+    queries over T keys, causal by index (chunked causal with a chunk size) or, with
+    `causal=False`, every key of the same segment (a ring step over an earlier shard's keys).
+    Positions must equal indices (module docstring). `interpret` (default: off TPU) runs the
+    kernel in the Pallas interpreter. A query that sees no key gets the mean of v and a
+    logsumexp near the fp32 minimum (splash's finite mask value), which `merge_partials` weighs
+    as zero next to any real part."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib,
     )
@@ -464,7 +477,9 @@ def splash_attention(
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     tp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
     shape = (tp, tp)
-    if mask.chunk_size is None:
+    if not causal:
+        one = mask_lib.FullMask(shape)
+    elif mask.chunk_size is None:
         one = mask_lib.CausalMask(shape)
     else:
         one = mask_lib.ChunkedCausalMask(shape, mask.chunk_size)
@@ -479,7 +494,10 @@ def splash_attention(
         block_kv_dq=SPLASH_BLOCK,
     )
     kernel = kernel_lib.make_splash_mha_single_device(
-        mask_lib.MultiHeadMask([one] * n), block_sizes=blocks, interpret=interpret
+        mask_lib.MultiHeadMask([one] * n),
+        block_sizes=blocks,
+        interpret=interpret,
+        save_residuals=need_lse,
     )
     # splash does not scale: fold head_dim^-0.5 into q (exact for powers of two head dims)
     q = _pad_to(q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype), tp, 1, 0).transpose(0, 2, 1, 3)
@@ -489,7 +507,11 @@ def splash_attention(
     ks = _pad_to(mask.k_segments_bs.astype(jnp.int32), tp, 1, -1)
 
     def one_row(q, k, v, qs, ks):
-        return kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(qs, ks))
+        result = kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(qs, ks))
+        return (result[0], result[1][0]) if need_lse else (result, None)  # lse [N, T]
 
-    out = jax.vmap(one_row)(q, k, v, qs, ks)  # [B, N, T, H]
-    return out.transpose(0, 2, 1, 3)[:, :t].astype(q_btnh.dtype)
+    out, lse = jax.vmap(one_row)(q, k, v, qs, ks)  # [B, N, T, H], [B, N, T]
+    out = out.transpose(0, 2, 1, 3)[:, :t].astype(q_btnh.dtype)
+    if need_lse:
+        lse = lse.transpose(0, 2, 1)[:, :t].astype(jnp.float32)
+    return out, lse

@@ -57,6 +57,7 @@ from l4jax.attention import (
     merge_partials,
     resolve_impl,
     self_mask,
+    splash_attention,
 )
 from l4jax.errors import ConfigError
 
@@ -148,8 +149,10 @@ class ContextParallel:
         t = q_btnh.shape[1]
         self.check_length(t, chunk_size)
         # the backend for the whole problem (T x T), not a shard's: `auto` must not fall back
-        # to the einsum path because a shard is short; splash returns no logsumexp to merge
-        impl = resolve_impl(impl, t, t, chunk_size is not None, need_lse=True)
+        # to the einsum path because a shard is short. Splash runs only in the ring's steps
+        # (shard against shard, with its logsumexp); elsewhere a logsumexp is needed
+        ring = chunk_size is None and self.exchange == "ring"
+        impl = resolve_impl(impl, t, t, chunk_size is not None, need_lse=not ring)
         batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
         q_spec = PartitionSpec(batch, seq, _axes(self.head_axes), None)
         kv_spec = PartitionSpec(batch, seq, _axes(self.kv_head_axes), None)
@@ -232,13 +235,18 @@ def _ring(impl, axes, n, q, k, v, pos, seg) -> Array:
 
 
 def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
-    """-> (out, fp32 logsumexp) of this shard's queries over every shard's keys."""
+    """-> (out, fp32 logsumexp) of this shard's queries over every shard's keys. With `splash`
+    the diagonal step runs its causal mask and the others its full one (an earlier shard's keys
+    all precede this shard's queries; segments still apply), by index like splash elsewhere."""
     r = jax.lax.axis_index(axes)
     b, t, heads, _ = q.shape
 
-    def attend(kv):
+    def attend(kv, diagonal=False):
         kk, vv, kp, ks = kv
-        return attention(impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None), need_lse=True)
+        mask = MaskSpec(pos, kp, seg, ks, None)
+        if impl == "splash":
+            return splash_attention(q, kk, vv, mask, causal=diagonal, need_lse=True)
+        return attention(impl, q, kk, vv, mask, need_lse=True)
 
     def empty(kv):  # a later shard's keys: never visible to a causal query
         return jnp.zeros_like(q), jnp.full((b, t, heads), -jnp.inf, jnp.float32)
@@ -251,7 +259,7 @@ def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
 
     # a scan, not an unrolled loop, so each step reuses the previous step's buffers
     with jax.named_scope("cp_ring"):
-        acc = attend((k, v, pos, seg))  # the diagonal block
+        acc = attend((k, v, pos, seg), diagonal=True)
         (acc, _), _ = jax.lax.scan(step, (acc, (k, v, pos, seg)), jnp.arange(1, n))
     return acc
 
@@ -266,7 +274,8 @@ def _ring_bwd(impl, axes, n, residuals, dout):
     shard adds its queries' share (`attention_grads`, from the saved output and logsumexp) and
     passes both on; one last shift brings each accumulator home. Autodiff of the forward scan
     would keep every K/V block that passed through (an all-gather's memory); this keeps two.
-    (Whatever `impl` ran forward, the gradient is the blockwise flash backward's: same math.)"""
+    (Whatever `impl` ran forward, splash included, the gradient is the blockwise flash
+    backward's: the same math, masked by position.)"""
     q, k, v, pos, seg, out, lse = residuals
     r = jax.lax.axis_index(axes)
 

@@ -91,7 +91,7 @@ def test_splash_interpret_equals_xla_forward_and_gradients(case):
     mask = self_mask(*_layout(b, t, pad, packed_at), chunk)
 
     def splash(q, k, v, m):
-        return splash_attention(q, k, v, m, interpret=True), None
+        return splash_attention(q, k, v, m, interpret=True)
 
     def oracle(q, k, v, m):
         return xla_attention(q, k, v, m)[0], None
