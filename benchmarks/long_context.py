@@ -35,6 +35,13 @@ layers, chunk-local + halo on chunked ones) against one device, and one NoPE lay
 alone with ring vs all-gather K/V exchange (`l4jax.context_parallel`):
 
     python benchmarks/long_context.py --cp --lengths 16384 65536
+
+`--attention` times one causal attention layer alone (Scout-shaped small heads: 8 query / 2 kv
+heads of 64, B=1), forward and forward + backward (gradient of sum(out^2) wrt q, k, v), the
+blockwise backend against the einsum (`xla`) path, in this process, median of `--runs` calls
+after one compiling call, the backends interleaved:
+
+    python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5
 """
 
 from __future__ import annotations
@@ -286,6 +293,45 @@ def cp_memory(lengths: list[int]) -> None:
         print("| " + " | ".join(row) + " |", flush=True)
 
 
+def attention_speed(lengths: list[int], runs: int) -> None:
+    """Forward and forward + backward seconds of one causal layer: blockwise vs xla."""
+    import jax
+    import jax.numpy as jnp
+
+    from l4jax.attention import attention, self_mask
+
+    print("one causal attention layer, 8 heads / 2 kv heads of 64, batch 1, float32, CPU;")
+    print(f"median of {runs} calls after compiling")
+    print("| tokens | blockwise fwd s | blockwise fwd+bwd s | xla fwd s | xla fwd+bwd s "
+          "| xla / blockwise, fwd+bwd |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for t in lengths:
+        q, k, v = (jnp.asarray(rng.standard_normal((1, t, m, 64)), jnp.float32) for m in (8, 2, 2))
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        mask = self_mask(pos, jnp.ones_like(pos), None)
+        calls = {}
+        for impl in ("blockwise", "xla"):
+
+            def loss(q, k, v, impl=impl, mask=mask):
+                return jnp.sum(attention(impl, q, k, v, mask)[0] ** 2)
+
+            calls[impl, "fwd"] = jax.jit(loss)
+            calls[impl, "fwd+bwd"] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        times = {key: [] for key in calls}
+        for fn in calls.values():  # compile
+            jax.block_until_ready(fn(q, k, v))
+        for _ in range(runs):
+            for key, fn in calls.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(q, k, v))
+                times[key].append(time.perf_counter() - start)
+        med = {key: float(np.median(ts)) for key, ts in times.items()}
+        cells = [med[i, p] for i in ("blockwise", "xla") for p in ("fwd", "fwd+bwd")]
+        ratio = med["xla", "fwd+bwd"] / med["blockwise", "fwd+bwd"]
+        print(f"| {t} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {ratio:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -313,6 +359,12 @@ def main() -> None:
     parser.add_argument(
         "--cp", action="store_true", help="per-device memory of context-parallel prefill"
     )
+    parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="time one causal attention layer, forward and backward: blockwise vs xla",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="--attention: timed calls each")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -320,6 +372,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cp:
         cp_memory(args.lengths)
+        return
+    if args.attention:
+        attention_speed(args.lengths, args.runs)
         return
     if args.child:
         args.length = args.lengths[0]

@@ -229,12 +229,22 @@ def _block_plan(mask: MaskSpec, bq: int, bk: int, nq: int, nk: int) -> _Blocks:
     return _Blocks(qp_blk, qs_blk, kp, ks, lo, hi, kind)
 
 
-def _block_scores(q_bqkgh, k_bskh, qp_bq, qs_bq, kp_bs, ks_bs, chunk_size):
-    """fp32 scaled scores [B, K, G, bq, bk] and the visibility [B, 1, 1, bq, bk]."""
-    h = q_bqkgh.shape[-1]
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh, preferred_element_type=jnp.float32)
-    visible = mask_array(qp_bq, kp_bs, qs_bq, ks_bs, chunk_size)[:, None, None]
-    return s * (h**-0.5), visible
+def _to_query_blocks(x: Array, bq: int, nq: int, kv: int) -> Array:
+    """[B, T, N, ...] -> [nq, B, K, G*bq, ...]: query blocks, the G query heads of each kv
+    head stacked (T padded to nq * bq)."""
+    b, _, n, *rest = x.shape
+    g = n // kv
+    x = _pad_to(x, nq * bq, 1, 0).reshape(b, nq, bq, kv, g, *rest)
+    x = x.transpose(1, 0, 3, 4, 2, *range(5, 5 + len(rest)))
+    return x.reshape(nq, b, kv, g * bq, *rest)
+
+
+def _from_query_blocks(x: Array, t: int, n: int) -> Array:
+    """The inverse of `_to_query_blocks`: -> [B, T, N, ...]."""
+    nq, b, kv, gbq, *rest = x.shape
+    g = n // kv
+    x = x.reshape(nq, b, kv, g, gbq // g, *rest).transpose(1, 0, 4, 2, 3, *range(5, 5 + len(rest)))
+    return x.reshape(b, nq * (gbq // g), n, *rest)[:, :t]
 
 
 def _sizes(t: int, s: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
@@ -255,8 +265,7 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
     plan = _block_plan(MaskSpec(*mask_arrays, chunk_size), bq, bk, nq, nk)
     # laid out once so each block is two plain batched matmuls over (row, kv head) with the G
     # query heads of a kv head stacked: q [nq, B, K, G*bq, H], k/v [B, K, S, H]
-    q_blk = _pad_to(q_btnh, nq * bq, 1, 0).reshape(b, nq, bq, kv, g, h)
-    q_blk = q_blk.transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kv, g * bq, h)
+    q_blk = _to_query_blocks(q_btnh, bq, nq, kv)
     k = _pad_to(k_bskh, nk * bk, 1, 0).transpose(0, 2, 1, 3)
     v = _pad_to(v_bskh, nk * bk, 1, 0).transpose(0, 2, 1, 3)
     scale = h**-0.5
@@ -304,11 +313,9 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
 
     xs = (q_blk, plan.q_positions, plan.q_segments, plan.lo, plan.hi, plan.kind)
     out_blk, lse_blk = jax.lax.map(one_query_block, xs)  # [nq, B, K, G*bq, (H)]
-    out_blk = out_blk.reshape(nq, b, kv, g, bq, h)
-    out = out_blk.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)[:, :t]
-    lse = lse_blk.reshape(nq, b, kv, g, bq).transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, n)
-    out = out.astype(q_btnh.dtype)
-    return (out, lse[:, :t]), (q_btnh, k_bskh, v_bskh, mask_arrays, out, lse[:, :t])
+    out = _from_query_blocks(out_blk, t, n).astype(q_btnh.dtype)
+    lse = _from_query_blocks(lse_blk, t, n)
+    return (out, lse), (q_btnh, k_bskh, v_bskh, mask_arrays, out, lse)
 
 
 def _blockwise_bwd(chunk_size, block_q, block_k, residuals, cotangents):
@@ -324,67 +331,75 @@ def _flash_backward(
     q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, out, lse, dout, dlse, block_q, block_k
 ):
     """fp32 (dq, dk, dv): recompute each visible block's probabilities from the logsumexp
-    (flash-attention backward): dS = P * (dO V^T - rowsum(dO * O) + dlse)."""
+    (flash-attention backward): dS = P * (dO V^T - rowsum(dO * O) + dlse). Laid out and
+    skipped like the forward (no mask on whole blocks); each block's dK/dV slice is added to
+    the running dK/dV outside the `switch`, so the [S]-long accumulators never pass through a
+    branch. Measured on XLA:CPU, one 8k-token causal layer (8 heads / 2 kv heads of 64),
+    forward + backward: 3.7 s, against 4.7 s when they went through a `cond` and every block
+    was masked (medians of 4 runs)."""
     b, t, n, h = q_btnh.shape
     s, kv = k_bskh.shape[1], k_bskh.shape[2]
     g = n // kv
     bq, bk, nq, nk = _sizes(t, s, block_q, block_k)
     plan = _block_plan(MaskSpec(*mask_arrays, chunk_size), bq, bk, nq, nk)
-
-    def blocked(x, fill=0.0):  # [B, T, N, ...] -> [nq, B, bq, K, G, ...]
-        x = _pad_to(x, nq * bq, 1, fill)
-        return x.reshape(b, nq, bq, kv, g, *x.shape[3:]).swapaxes(0, 1)
-
     dout32 = dout.astype(jnp.float32)
     delta = jnp.sum(dout32 * out.astype(jnp.float32), axis=-1)  # [B, T, N]
+    if dlse is not None:  # dS = P * (dP - (delta - dlse))
+        delta = delta - dlse.astype(jnp.float32)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
-    k = _pad_to(k_bskh, nk * bk, 1, 0)
-    v = _pad_to(v_bskh, nk * bk, 1, 0)
+    k = _pad_to(k_bskh, nk * bk, 1, 0).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v = _pad_to(v_bskh, nk * bk, 1, 0).transpose(0, 2, 1, 3)
     scale = h**-0.5
 
     def one_query_block(carry, args):
-        q, do, lse_q, dl_q, delta_q, qp, qs, lo, hi, kind = args
-        to_bkgq = (0, 2, 3, 1)  # [B, bq, K, G] -> [B, K, G, bq]
-        lse_q, dl_q, delta_q = (x.transpose(to_bkgq) for x in (lse_q, dl_q, delta_q))
+        q, do, lse_q, delta_q, qp, qs, lo, hi, kind = args
+
+        def grads(j, visible=None):
+            kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
+            scores = jnp.einsum("bkqh,bksh->bkqs", q, kb, preferred_element_type=jnp.float32)
+            p = jnp.exp(scores * scale - lse_q[..., None])
+            if visible is not None:
+                p = jnp.where(visible[:, None, None], p.reshape(b, kv, g, bq, bk), 0.0)
+                p = p.reshape(b, kv, g * bq, bk)
+            dp = jnp.einsum("bkqh,bksh->bkqs", do, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_q[..., None]) * scale
+            dq_j = jnp.einsum("bkqs,bksh->bkqh", ds, kb, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bkqs,bkqh->bksh", ds, q, preferred_element_type=jnp.float32)
+            dv_j = jnp.einsum("bkqs,bkqh->bksh", p, do, preferred_element_type=jnp.float32)
+            return dq_j, dk_j, dv_j
+
+        def partial(j):
+            kp = jax.lax.dynamic_slice_in_dim(plan.k_positions, j * bk, bk, 1)
+            ks = jax.lax.dynamic_slice_in_dim(plan.k_segments, j * bk, bk, 1)
+            return grads(j, mask_array(qp, kp, qs, ks, chunk_size))
+
+        def empty(j):
+            return (
+                jnp.zeros(q.shape, jnp.float32),
+                jnp.zeros((b, kv, bk, h), jnp.float32),
+                jnp.zeros((b, kv, bk, h), jnp.float32),
+            )
+
+        def add_slice(acc, x, j):
+            part = jax.lax.dynamic_slice_in_dim(acc, j * bk, bk, 2)
+            return jax.lax.dynamic_update_slice_in_dim(acc, part + x, j * bk, 2)
 
         def body(j, inner):
-            def update(inner):
-                dq, dk, dv = inner
-                kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 1)
-                vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 1)
-                kp = jax.lax.dynamic_slice_in_dim(plan.k_positions, j * bk, bk, 1)
-                ks = jax.lax.dynamic_slice_in_dim(plan.k_segments, j * bk, bk, 1)
-                scores, visible = _block_scores(q, kb, qp, qs, kp, ks, chunk_size)
-                p = jnp.where(visible, jnp.exp(scores - lse_q[..., None]), 0.0)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", do, vb, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_q[..., None] + dl_q[..., None]) * scale
-                dq = dq + jnp.einsum(
-                    "bkgqs,bskh->bqkgh", ds, kb, preferred_element_type=jnp.float32
-                )
-                dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q, preferred_element_type=jnp.float32)
-                dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p, do, preferred_element_type=jnp.float32)
-                dk = jax.lax.dynamic_update_slice_in_dim(
-                    dk, jax.lax.dynamic_slice_in_dim(dk, j * bk, bk, 1) + dk_j, j * bk, 1
-                )
-                dv = jax.lax.dynamic_update_slice_in_dim(
-                    dv, jax.lax.dynamic_slice_in_dim(dv, j * bk, bk, 1) + dv_j, j * bk, 1
-                )
-                return dq, dk, dv
+            dq, dk, dv = inner
+            dq_j, dk_j, dv_j = jax.lax.switch(kind[j], (empty, grads, partial), j)
+            return dq + dq_j, add_slice(dk, dk_j, j), add_slice(dv, dv_j, j)
 
-            return jax.lax.cond(kind[j] != _EMPTY, update, lambda c: c, inner)
-
-        dq0 = jnp.zeros((b, bq, kv, g, h), jnp.float32)
+        dq0 = jnp.zeros(q.shape, jnp.float32)
         dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq0, *carry))
         return (dk, dv), dq
 
-    dkv0 = jnp.zeros((b, nk * bk, kv, h), jnp.float32)
+    dkv0 = jnp.zeros((b, kv, nk * bk, h), jnp.float32)
     xs = (
-        blocked(q_btnh),
-        blocked(dout32),
-        blocked(lse_safe),
-        blocked(dlse),
-        blocked(delta),
+        _to_query_blocks(q_btnh, bq, nq, kv),
+        _to_query_blocks(dout32, bq, nq, kv),
+        _to_query_blocks(lse_safe, bq, nq, kv),
+        _to_query_blocks(delta, bq, nq, kv),
         plan.q_positions,
         plan.q_segments,
         plan.lo,
@@ -392,8 +407,8 @@ def _flash_backward(
         plan.kind,
     )
     (dk, dv), dq_blk = jax.lax.scan(one_query_block, (dkv0, dkv0), xs)
-    dq = dq_blk.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
-    return dq, dk[:, :s], dv[:, :s]
+    dq = _from_query_blocks(dq_blk, t, n)
+    return dq, dk.transpose(0, 2, 1, 3)[:, :s], dv.transpose(0, 2, 1, 3)[:, :s]
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

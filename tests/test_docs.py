@@ -337,6 +337,7 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "131072 262144": HELP,
     "python benchmarks/long_context.py --cp": HELP,
     "python benchmarks/long_context.py --cp --lengths 16384 65536": HELP,
+    "python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5": HELP,
     "python benchmarks/moe.py --part roofline": (
         "tests/test_docs.py::test_roofline_table_is_what_the_script_prints"
     ),
