@@ -28,8 +28,8 @@ holds two shards (this step's and the next) where the all-gather holds all n;
 The ring has its own backward pass: the K/V shards go round again, each with its dK/dV
 accumulator (autodiff of the forward scan kept every K/V shard that passed through: more
 memory than the all-gather, docs/long_context.md), so training holds two K/V shards per
-device too. Causal load balance
-(zig-zag shard order) is not done: shard r computes r + 1 of the n ring steps.
+device too. Causal load balance (zig-zag shard order) is not done: shard r computes r + 1
+of the n ring steps.
 
 `for_mesh()` picks this path from the ambient mesh and logical rules
 (`sharding.rules.mesh_context`); model code calls it explicitly. Written here rather than
@@ -273,7 +273,8 @@ def _ring_bwd(impl, axes, n, residuals, dout):
     """The K/V blocks go round the ring again, each with its fp32 dK/dV accumulator; every
     shard adds its queries' share (`attention_grads`, from the saved output and logsumexp) and
     passes both on; one last shift brings each accumulator home. Autodiff of the forward scan
-    would keep every K/V block that passed through (an all-gather's memory); this keeps two.
+    kept every K/V block that passed through (more than an all-gather's memory); this keeps
+    two.
     (Whatever `impl` ran forward, splash included, the gradient is the blockwise flash
     backward's: the same math, masked by position.)"""
     q, k, v, pos, seg, out, lse = residuals
