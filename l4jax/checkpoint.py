@@ -285,11 +285,14 @@ def is_training_run(directory: str | os.PathLike) -> bool:
     return (d / CONFIG_FILE).is_file() and any(c.name.isdigit() for c in d.iterdir())
 
 
-def step_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
-    """The directory of a finished step of a run (default: the latest)."""
+def step_dir(
+    directory: str | os.PathLike, step: int | None = None, holding: str = CONFIG_FILE
+) -> Path:
+    """The directory of a finished step of a run (default: the latest): a numbered directory
+    holding `holding` (a training step's config.json; a LoRA run's steps hold only `params`)."""
     directory = Path(directory).absolute()
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-    steps = [s for s in steps if (directory / str(s) / CONFIG_FILE).is_file()]
+    steps = [s for s in steps if (directory / str(s) / holding).exists()]
     if not steps:
         raise CheckpointError(f"{directory}: no finished checkpoint steps")
     if step is None:

@@ -160,7 +160,7 @@ class ContextParallel:
         if chunk_size is not None:
             local = functools.partial(_chunked_local, impl, chunk_size, self.seq_axes, self.shards)
         elif self.exchange == "ring":
-            local = functools.partial(_ring_local, impl, self.seq_axes, self.shards)
+            local = functools.partial(_ring, impl, self.seq_axes, self.shards)
         else:
             local = functools.partial(_gather_local, impl, self.seq_axes)
         run = jax.shard_map(
@@ -223,10 +223,6 @@ def _chunked_local(impl, chunk, axes, n, q, k, v, pos, seg) -> Array:
         hs = jnp.where(jax.lax.axis_index(axes) == 0, -1, hs)  # shard 0 has no predecessor
         halo = attention(impl, q, hk, hv, MaskSpec(pos, hp, seg, hs, chunk), need_lse=True)
     return merge_partials([own, halo])[0]
-
-
-def _ring_local(impl, axes, n, q, k, v, pos, seg) -> Array:
-    return _ring(impl, axes, n, q, k, v, pos, seg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -193,8 +193,8 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
     """
     import orbax.checkpoint as ocp
 
-    from l4jax.checkpoint import TRAIN_CONFIG_FILE, read_run_config
-    from l4jax.errors import CheckpointError, read_json_object
+    from l4jax.checkpoint import TRAIN_CONFIG_FILE, read_run_config, step_dir
+    from l4jax.errors import read_json_object
 
     run, dst = Path(run_dir).absolute(), Path(dst).absolute()
     if dst.exists():
@@ -205,16 +205,13 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
         raise ConfigError(f"{run}: not a LoRA run (train_config.json has no post.lora_rank)")
     lora = LoraConfig(post["lora_rank"], post["lora_alpha"], tuple(post["lora_targets"]))
     config = read_run_config(run)
-    steps = sorted(int(p.name) for p in run.iterdir() if p.name.isdigit() and p.is_dir())
-    if not steps or (step is not None and step not in steps):
-        raise CheckpointError(f"{run}: no checkpoint step {step if step is not None else ''}")
-    step = steps[-1] if step is None else step
+    step_params = step_dir(run, step, holding="params") / "params"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes, _ = adapter_layout(config, lora)
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes
     )
-    adapters = ocp.StandardCheckpointer().restore(run / str(step) / "params", abstract)
+    adapters = ocp.StandardCheckpointer().restore(step_params, abstract)
     if post.get("init_from"):
         base = load_init(post["init_from"], config, device, post.get("quantize"))
     else:  # the run's random base: the seed's init, as `l4jax.post.tasks` made it
