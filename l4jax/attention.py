@@ -334,9 +334,7 @@ def _flash_backward(
     (flash-attention backward): dS = P * (dO V^T - rowsum(dO * O) + dlse). Laid out and
     skipped like the forward (no mask on whole blocks); each block's dK/dV slice is added to
     the running dK/dV outside the `switch`, so the [S]-long accumulators never pass through a
-    branch. Measured on XLA:CPU, one 8k-token causal layer (8 heads / 2 kv heads of 64),
-    forward + backward: 3.7 s, against 4.7 s when they went through a `cond` and every block
-    was masked (medians of 4 runs)."""
+    branch (`benchmarks/long_context.py --attention` times it against the einsum path)."""
     b, t, n, h = q_btnh.shape
     s, kv = k_bskh.shape[1], k_bskh.shape[2]
     g = n // kv
