@@ -172,6 +172,7 @@ class _Blocks(NamedTuple):
     k_positions: Array  # [B, nk*bk]
     k_segments: Array
     lo: Array  # [nq] first key block a query block may see
+    whole: Array  # [nq] blocks lo .. whole - 1 are all _FULL (whole <= hi)
     hi: Array  # [nq] one past the last
     kind: Array  # [nq, nk] int32: _EMPTY (skipped), _FULL (no mask needed) or _PARTIAL
 
@@ -226,7 +227,10 @@ def _block_plan(mask: MaskSpec, bq: int, bk: int, nq: int, nk: int) -> _Blocks:
     if mask.chunk_size is not None:
         full &= (kp_lo[None, :] // mask.chunk_size) == (qp_hi[:, None] // mask.chunk_size)
     kind = jnp.where(full, _FULL, jnp.where(vis, _PARTIAL, _EMPTY)).astype(jnp.int32)
-    return _Blocks(qp_blk, qs_blk, kp, ks, lo, hi, kind)
+    # the run of whole blocks from lo: they need neither a mask nor a `switch`
+    stop = (~full) & (jnp.arange(nk)[None, :] >= lo[:, None])
+    whole = jnp.minimum(jnp.where(jnp.any(stop, axis=1), jnp.argmax(stop, axis=1), nk), hi)
+    return _Blocks(qp_blk, qs_blk, kp, ks, lo, whole.astype(jnp.int32), hi, kind)
 
 
 def _to_query_blocks(x: Array, bq: int, nq: int, kv: int) -> Array:
@@ -271,7 +275,7 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
     scale = h**-0.5
 
     def one_query_block(args):
-        q, qp, qs, lo, hi, kind = args
+        q, qp, qs, lo, whole, hi, kind = args
 
         def update(j, carry, visible=None):
             m, run_sum, acc = carry
@@ -284,7 +288,9 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
                 scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
                 scores = scores.reshape(b, kv, g * bq, bk)
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no (-inf) - (-inf)
+            m_safe = m_new  # a whole block's scores are finite, so is their max
+            if visible is not None:  # a masked row may have none: no (-inf) - (-inf)
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(scores - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum(
@@ -297,21 +303,22 @@ def _blockwise_fwd(q_btnh, k_bskh, v_bskh, mask_arrays, chunk_size, block_q, blo
             ks = jax.lax.dynamic_slice_in_dim(plan.k_segments, j * bk, bk, 1)
             return update(j, carry, mask_array(qp, kp, qs, ks, chunk_size))
 
-        def body(j, carry):
+        def any_block(j, carry):
             branches = (lambda j, c: c, update, partial)  # _EMPTY, _FULL, _PARTIAL
             return jax.lax.switch(kind[j], branches, j, carry)
 
         # fp32 running max m, sum l and output accumulator, per (row, kv head, group x query)
         m0 = jnp.full((b, kv, g * bq), -jnp.inf, jnp.float32)
         carry = (m0, jnp.zeros_like(m0), jnp.zeros((b, kv, g * bq, h), jnp.float32))
-        m, run_sum, acc = jax.lax.fori_loop(lo, hi, body, carry)
+        carry = jax.lax.fori_loop(lo, whole, update, carry)  # whole blocks: no mask, no switch
+        m, run_sum, acc = jax.lax.fori_loop(whole, hi, any_block, carry)
         seen = run_sum > 0
         out = acc / jnp.where(seen, run_sum, 1.0)[..., None]
         m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
         lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, run_sum, 1.0)), -jnp.inf)
         return out, lse
 
-    xs = (q_blk, plan.q_positions, plan.q_segments, plan.lo, plan.hi, plan.kind)
+    xs = (q_blk, plan.q_positions, plan.q_segments, plan.lo, plan.whole, plan.hi, plan.kind)
     out_blk, lse_blk = jax.lax.map(one_query_block, xs)  # [nq, B, K, G*bq, (H)]
     out = _from_query_blocks(out_blk, t, n).astype(q_btnh.dtype)
     lse = _from_query_blocks(lse_blk, t, n)
@@ -350,7 +357,7 @@ def _flash_backward(
     scale = h**-0.5
 
     def one_query_block(carry, args):
-        q, do, lse_q, delta_q, qp, qs, lo, hi, kind = args
+        q, do, lse_q, delta_q, qp, qs, lo, whole, hi, kind = args
 
         def grads(j, visible=None):
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
@@ -383,13 +390,19 @@ def _flash_backward(
             part = jax.lax.dynamic_slice_in_dim(acc, j * bk, bk, 2)
             return jax.lax.dynamic_update_slice_in_dim(acc, part + x, j * bk, 2)
 
-        def body(j, inner):
-            dq, dk, dv = inner
-            dq_j, dk_j, dv_j = jax.lax.switch(kind[j], (empty, grads, partial), j)
+        def add(j, inner, grads_j):
+            (dq, dk, dv), (dq_j, dk_j, dv_j) = inner, grads_j
             return dq + dq_j, add_slice(dk, dk_j, j), add_slice(dv, dv_j, j)
 
-        dq0 = jnp.zeros(q.shape, jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq0, *carry))
+        def whole_block(j, inner):
+            return add(j, inner, grads(j))
+
+        def any_block(j, inner):
+            return add(j, inner, jax.lax.switch(kind[j], (empty, grads, partial), j))
+
+        inner = (jnp.zeros(q.shape, jnp.float32), *carry)
+        inner = jax.lax.fori_loop(lo, whole, whole_block, inner)
+        dq, dk, dv = jax.lax.fori_loop(whole, hi, any_block, inner)
         return (dk, dv), dq
 
     dkv0 = jnp.zeros((b, kv, nk * bk, h), jnp.float32)
@@ -401,6 +414,7 @@ def _flash_backward(
         plan.q_positions,
         plan.q_segments,
         plan.lo,
+        plan.whole,
         plan.hi,
         plan.kind,
     )
