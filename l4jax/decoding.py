@@ -12,7 +12,8 @@ The cache (`l4jax.kv_cache`) is one `{"k", "v"}` pair of [G, B, S, K, H] arrays 
 NoPE/global layers keep every index (S = T + N - 1), chunked RoPE layers a ring of
 S = min(attention_chunk_size, T + N - 1) slots. Sampling is `l4jax.sampling`; the command
 line, `l4jax.generate_cli`. Prefill runs the prompt in pieces of `prefill_chunk` tokens
-(default the attention chunk size): the first piece (the remainder T % piece) attends within
+(default the attention chunk size; on a `sequence` mesh the whole prompt, which is split over
+the shards and attends through the ring, `l4jax.context_parallel`): the first piece (the remainder T % piece) attends within
 itself, every later piece attends to the cache and itself (`l4jax.model.cached_attention`) and
 is stored, and only the last position's logits are computed, so a long prompt needs the cache
 plus one piece's activations. Then one `jax.lax.while_loop` decodes (one token per row and
@@ -140,7 +141,7 @@ class _Loop(NamedTuple):
     chunk_aware: bool
     return_logits: bool
     stream: bool
-    prefill_chunk: int  # prompt tokens per prefill piece (0: the whole prompt at once)
+    prefill_chunk: int | None  # prompt tokens per piece (0: the whole prompt; None: default)
 
 
 def _emit(
@@ -192,8 +193,11 @@ def _prefill(
             image_embeds_md=image_embeds,
             image_token_id=image_token_id,
         )
+    piece = loop.prefill_chunk
+    if piece is None:  # pieces against a sequence-sharded cache would not use the ring
+        piece = 0 if cp is not None else (config.attention_chunk_size or 0)
     last_b1v, cache = _prefill_pieces(
-        loop, params, tokens_bt, positions_bt, segments_bt, cache, merge
+        loop.model, params, piece, tokens_bt, positions_bt, segments_bt, cache, merge
     )
     buffer = jnp.full((b, t + n), loop.pad_id, jnp.int32).at[:, :t].set(tokens_bt)
     logits = jnp.zeros((b, n, config.vocab_size), jnp.float32) if loop.return_logits else None
@@ -201,12 +205,11 @@ def _prefill(
     return _emit(loop, state, last_b1v[:, -1], key, stop_ids, sink_id)
 
 
-def _prefill_pieces(loop, params, tokens_bt, positions_bt, segments_bt, cache, merge):
+def _prefill_pieces(model, params, piece, tokens_bt, positions_bt, segments_bt, cache, merge):
     """-> (logits [B, 1, V] of the last prompt position, the filled cache). The first piece is
     the T % piece remainder (or a whole piece) written from index 0; a `lax.scan` then runs the
     remaining whole pieces, each attending to the cache, so the model compiles twice at most."""
-    model, t = loop.model, tokens_bt.shape[1]
-    piece = loop.prefill_chunk
+    t = tokens_bt.shape[1]
     if piece <= 0 or t <= piece or merge is not None:  # (images: one piece, see make_loop)
         return model.apply(
             {"params": params},
@@ -369,13 +372,14 @@ def make_loop(
 ) -> _Loop:
     """The static description of a generation that `prefill` and `decode` compile for.
 
-    `prefill_chunk`: prompt tokens per prefill piece (default the attention chunk size, 0 or
-    None without chunked layers: the whole prompt at once). Prompts with images run as one
-    piece (the image embeddings are merged into the whole prompt)."""
+    `prefill_chunk`: prompt tokens per prefill piece (0: the whole prompt at once). Default:
+    the attention chunk size (the whole prompt without chunked layers); under context
+    parallelism (a `sequence` mesh when prefill traces) the whole prompt, whose NoPE layers
+    then attend through the ring: a piece against the sequence-sharded cache would run
+    without it. Prompts with images run as one piece (the image embeddings are merged into
+    the whole prompt)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prefill_chunk is None:
-        prefill_chunk = model.config.attention_chunk_size or 0
     config = model.config
     pad_id = default_pad_id(config) if pad_id is None else pad_id
     impl = decode_moe_backend(config, batch, decode_moe_impl)
@@ -391,7 +395,7 @@ def make_loop(
         chunk_aware_cache,
         return_logits,
         stream,
-        int(prefill_chunk),
+        None if prefill_chunk is None else int(prefill_chunk),
     )
 
 

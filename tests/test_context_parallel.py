@@ -170,22 +170,33 @@ def test_flash_decoding_over_cache_shards_equals_whole_cache():
 
 
 @pytest.mark.slow
-def test_sharded_prefill_and_decode_give_the_same_tokens():
+def test_sharded_prefill_and_decode_give_the_same_tokens(monkeypatch):
     model, params = Llama4ForCausalLM(TWO), init_params(TWO, 0)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, TWO.vocab_size, (2, 128))  # 4 shards of one chunk each
     lengths = np.array([128, 100])  # row 1 left padded by 28
     new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
-    loop = make_loop(model, 2, new, prefill_chunk=0)  # greedy
+    # the default pieces: 4 of one chunk each unsharded; the whole prompt on the sequence mesh
+    loop = make_loop(model, 2, new)  # greedy
+    sharded = []  # layers whose prompt attention ran context-parallel (counted when traced)
+    self_attention = context_parallel.ContextParallel.self_attention
+
+    def counting(cp, impl, q, *rest):
+        sharded.append(q.shape[1])
+        return self_attention(cp, impl, q, *rest)
+
+    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
 
     def run():
         state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
         return decode(loop, params, state, lengths, jax.random.key(1), ())
 
     want = run()
+    assert not sharded
     mesh = make_mesh("data=2,sequence=4")
     with mesh_context(mesh):
         got = run()
+    assert sharded == [128, 128], sharded  # both layers, the whole prompt
     np.testing.assert_array_equal(got.tokens, want.tokens)
     # the global layer's cache (slot 1) is split over rows (data) and length (sequence): each
     # device holds 1/8 of it; the chunked layers' rings only over rows
