@@ -42,6 +42,13 @@ blockwise backend against the einsum (`xla`) path, in this process, median of `-
 after one compiling call, the backends interleaved:
 
     python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5
+
+`--cp-balance` computes (nothing runs) the causal ring's load per shard and step for one
+global layer, contiguous vs zig-zag order (`l4jax.context_parallel.ring_work`: the blockwise
+block plan's own count of (query block, key block) pairs): each step lasts as long as its
+busiest shard, so the critical path is the per-step maximum, summed:
+
+    python benchmarks/long_context.py --cp-balance --lengths 65536 1048576 --shards 4 8 16
 """
 
 from __future__ import annotations
@@ -332,6 +339,25 @@ def attention_speed(lengths: list[int], runs: int) -> None:
         print(f"| {t} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {ratio:.2f}x |")
 
 
+def cp_balance(lengths: list[int], shard_counts: list[int]) -> None:
+    from l4jax.context_parallel import ring_work
+
+    print("one causal global layer, one document; work in (128 x 512) block pairs")
+    print(
+        "| tokens | shards | total work | contiguous critical path | zig-zag critical path "
+        "| zig-zag / contiguous | ideal (total / shards) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for t in lengths:
+        for n in shard_counts:
+            work = {layout: ring_work(t, n, layout) for layout in ("contiguous", "zigzag")}
+            path = {k: int(w.max(axis=1).sum()) for k, w in work.items()}
+            total = int(work["contiguous"].sum())
+            ratio = path["zigzag"] / path["contiguous"]
+            cells = [t, n, total, path["contiguous"], path["zigzag"], f"{ratio:.3f}"]
+            print("| " + " | ".join(map(str, cells)) + f" | {total / n:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -365,6 +391,14 @@ def main() -> None:
         help="time one causal attention layer, forward and backward: blockwise vs xla",
     )
     parser.add_argument("--runs", type=int, default=3, help="--attention: timed calls each")
+    parser.add_argument(
+        "--cp-balance",
+        action="store_true",
+        help="computed ring load per shard: contiguous vs zig-zag order",
+    )
+    parser.add_argument(
+        "--shards", nargs="+", type=int, default=[4, 8, 16], help="--cp-balance: ring sizes"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -375,6 +409,9 @@ def main() -> None:
         return
     if args.attention:
         attention_speed(args.lengths, args.runs)
+        return
+    if args.cp_balance:
+        cp_balance(args.lengths, args.shards)
         return
     if args.child:
         args.length = args.lengths[0]

@@ -3,8 +3,8 @@
 Field names follow Hugging Face's `Llama4TextConfig`. Per-layer structure is stored explicitly
 (`rope_layers`, `chunked_layers`, `moe_layers`) so the model never re-derives it, and so configs
 that list layers out of pattern still load. l4jax runtime settings (compute/param dtype, MoE
-and attention backends, remat policy) live in the same dataclass but are not written to
-`config.json`.
+and attention backends, remat policy, context-parallel layout) live in the same dataclass but
+are not written to `config.json`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ MOE_IMPLS = ("auto", "ragged_dot", "pallas", "megablox", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # l4jax.attention: auto = splash on TPU global layers, else blockwise for long, xla for short
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash")
+CONTEXT_PARALLEL_LAYOUTS = ("contiguous", "zigzag")  # global layers' token order on the ring
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -81,6 +82,7 @@ class Llama4Config:
     moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
     attention_impl: str = "auto"  # l4jax.attention.resolve_impl
+    context_parallel_layout: str = "contiguous"  # l4jax.context_parallel.LAYOUTS
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -383,7 +385,12 @@ def _validate(c: Llama4Config) -> None:
     require_choices(
         c,
         "Llama4Config",
-        {**RUNTIME_CHOICES, "moe_impl": MOE_IMPLS, "attention_impl": ATTENTION_IMPLS},
+        {
+            **RUNTIME_CHOICES,
+            "moe_impl": MOE_IMPLS,
+            "attention_impl": ATTENTION_IMPLS,
+            "context_parallel_layout": CONTEXT_PARALLEL_LAYOUTS,
+        },
     )
 
 

@@ -28,8 +28,19 @@ holds two shards (this step's and the next) where the all-gather holds all n;
 The ring has its own backward pass: the K/V shards go round again, each with its dK/dV
 accumulator (autodiff of the forward scan kept every K/V shard that passed through: more
 memory than the all-gather, docs/long_context.md), so training holds two K/V shards per
-device too. Causal load balance (zig-zag shard order) is not done: shard r computes r + 1
-of the n ring steps.
+device too.
+
+Causal load balance (`layout="zigzag"`, `config.context_parallel_layout`): in contiguous order
+shard r finds work in r + 1 of the n ring steps, so the last shard's attention takes n - 1/2
+shard-pairs of work while the first's takes 1/2, and every step waits for the slowest. In
+zig-zag order a global layer's q, k, v, positions and segments move before the ring so that
+shard r holds pieces r and 2n - 1 - r of 2n (`zigzag_order`), and the output moves back after
+it, so every shard does half a shard-pair of work at every step (masks go by position: the
+blockwise plan skips what a step's keys hide); chunked layers keep the contiguous order
+(they are local). The price: those moves (`to_zigzag` / `from_zigzag`: two `ppermute`s of
+half a shard per array), and the ring's steps run the position-masked backends, not splash
+(its masks are by index). `benchmarks/long_context.py --cp-balance` computes both critical
+paths from the blockwise block plan.
 
 `for_mesh()` picks this path from the ambient mesh and logical rules
 (`sharding.rules.mesh_context`); model code calls it explicitly. Written here rather than
@@ -51,6 +62,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from l4jax.attention import (
+    BLOCK_K,
+    BLOCK_Q,
     MaskSpec,
     attention,
     attention_grads,
@@ -58,7 +71,9 @@ from l4jax.attention import (
     resolve_impl,
     self_mask,
     splash_attention,
+    visited_blocks,
 )
+from l4jax.config import CONTEXT_PARALLEL_LAYOUTS as LAYOUTS
 from l4jax.errors import ConfigError
 
 Array = jax.Array
@@ -94,13 +109,18 @@ class ContextParallel:
     head_axes: AxisNames = ()
     kv_head_axes: AxisNames = ()
     exchange: str = "ring"
+    layout: str = "contiguous"
 
     @classmethod
-    def from_rules(cls, mesh: AbstractMesh, rules, exchange: str = "ring") -> ContextParallel:
+    def from_rules(
+        cls, mesh: AbstractMesh, rules, exchange: str = "ring", layout: str = "contiguous"
+    ) -> ContextParallel:
         if exchange not in EXCHANGES:
             raise ConfigError(
                 f"context parallelism: exchange {exchange!r}; choose from {EXCHANGES}"
             )
+        if layout not in LAYOUTS:
+            raise ConfigError(f"context parallelism: layout {layout!r}; choose from {LAYOUTS}")
         return cls(
             mesh,
             seq_axes=_mesh_axes(("activation_length",), rules, mesh),
@@ -108,6 +128,7 @@ class ContextParallel:
             head_axes=_mesh_axes(("activation_heads",), rules, mesh),
             kv_head_axes=_mesh_axes(("activation_kv_heads",), rules, mesh),
             exchange=exchange,
+            layout=layout,
         )
 
     @property
@@ -120,14 +141,25 @@ class ContextParallel:
         size = math.prod(self.mesh.shape[a] for a in self.batch_axes)
         return _axes(self.batch_axes) if b % size == 0 else None
 
+    @property
+    def zigzag(self) -> bool:
+        """Global layers go round the ring in zig-zag order (`exchange="ring"` only)."""
+        return self.layout == "zigzag" and self.exchange == "ring"
+
     def check_length(self, t: int, chunk_size: int | None) -> None:
-        """A sequence that does not divide into the shards, or shards that are not whole
-        multiples of the attention chunk, is a ConfigError naming both numbers."""
+        """A sequence that does not divide into the shards (two pieces per shard in zig-zag
+        order), or shards that are not whole multiples of the attention chunk, is a
+        ConfigError naming both numbers."""
         n = self.shards
         if t % n:
             raise ConfigError(
                 f"context parallelism: sequence length {t} does not divide into {n} shards "
                 f"(mesh axes {list(self.seq_axes)})"
+            )
+        if self.zigzag and chunk_size is None and t % (2 * n):
+            raise ConfigError(
+                f"context parallelism: layout 'zigzag' splits sequence length {t} into "
+                f"{2 * n} pieces ({n} shards); it does not divide"
             )
         if chunk_size is not None and (t // n) % chunk_size:
             raise ConfigError(
@@ -153,14 +185,19 @@ class ContextParallel:
         # (shard against shard, with its logsumexp); elsewhere a logsumexp is needed
         ring = chunk_size is None and self.exchange == "ring"
         impl = resolve_impl(impl, t, t, chunk_size is not None, need_lse=not ring)
+        zigzag = ring and self.zigzag
+        if zigzag and impl == "splash":  # splash's masks are by index: see the docstring
+            impl = "blockwise"
         batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
         q_spec = PartitionSpec(batch, seq, _axes(self.head_axes), None)
         kv_spec = PartitionSpec(batch, seq, _axes(self.kv_head_axes), None)
         bt_spec = PartitionSpec(batch, seq)
         if chunk_size is not None:
             local = functools.partial(_chunked_local, impl, chunk_size, self.seq_axes, self.shards)
+        elif zigzag:
+            local = functools.partial(_zigzag_ring, impl, self.seq_axes, self.shards)
         elif self.exchange == "ring":
-            local = functools.partial(_ring, impl, self.seq_axes, self.shards)
+            local = functools.partial(_ring, impl, self.seq_axes, self.shards, True)
         else:
             local = functools.partial(_gather_local, impl, self.seq_axes)
         run = jax.shard_map(
@@ -197,15 +234,40 @@ class ContextParallel:
         return run(q_btnh, k_bskh, v_bskh, tuple(x.astype(jnp.int32) for x in mask[:4]))
 
 
-def for_mesh(exchange: str = "ring") -> ContextParallel | None:
+def for_mesh(exchange: str = "ring", layout: str = "contiguous") -> ContextParallel | None:
     """Context parallelism for the ambient mesh (`jax.set_mesh`) and logical rules, if its
     `activation_length` axes have more than one device and are not already manual; else None."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or mesh.manual_axes or not rules:
         return None
-    cp = ContextParallel.from_rules(mesh, rules, exchange)
+    cp = ContextParallel.from_rules(mesh, rules, exchange, layout)
     return cp if cp.seq_axes else None
+
+
+def zigzag_order(t: int, n: int) -> np.ndarray:
+    """Token indices in zig-zag order: the sequence cut into 2n equal pieces, shard r holding
+    pieces r and 2n - 1 - r (an early and a late one), so every causal ring step has the same
+    work on every shard: the order `to_zigzag` gives the shards."""
+    pieces = np.arange(t).reshape(2 * n, t // (2 * n))
+    return np.concatenate([np.concatenate([pieces[r], pieces[2 * n - 1 - r]]) for r in range(n)])
+
+
+def ring_work(
+    t: int, n: int, layout: str, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> np.ndarray:
+    """[step, shard] (query block, key block) pairs the blockwise backend computes in one
+    causal global layer's ring of n shards over T tokens of one document (the block plan's
+    own count, `attention.visited_blocks`); a step lasts as long as its busiest shard."""
+    order = zigzag_order(t, n) if layout == "zigzag" else np.arange(t)
+    pos = jnp.asarray(order.reshape(n, 1, t // n), jnp.int32)
+    one = jnp.ones((1, t // n), jnp.int32)
+    work = np.zeros((n, n), np.int64)
+    for i in range(n):
+        for r in range(n):
+            mask = MaskSpec(pos[r], pos[(r - i) % n], one, one, None)
+            work[i, r] = visited_blocks(mask, block_q, block_k)
+    return work
 
 
 # ---- per device, inside shard_map ----------------------------------------------------------
@@ -214,6 +276,47 @@ def for_mesh(exchange: str = "ring") -> ContextParallel | None:
 def _shift(x: Array, axes: AxisNames, n: int) -> Array:
     """x from the previous shard along the ring (shard r receives shard r - 1's)."""
     return jax.lax.ppermute(x, axes, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _zigzag_piece_home(p: int, n: int) -> int:
+    """The shard that holds piece p of 2n in zig-zag order (as its first or second half)."""
+    return p if p < n else 2 * n - 1 - p
+
+
+def to_zigzag(x: Array, axes: AxisNames, n: int) -> Array:
+    """Inside shard_map over `axes` (n shards), x [B, L, ...]: shard r's contiguous block
+    (pieces 2r, 2r + 1 of 2n) -> its zig-zag block (pieces r, 2n - 1 - r). Each half moves
+    with one `ppermute`; an even shard's first half is the one that came from a first half."""
+    half = x.shape[1] // 2
+    from_first = jax.lax.ppermute(
+        x[:, :half], axes, [(r, _zigzag_piece_home(2 * r, n)) for r in range(n)]
+    )
+    from_second = jax.lax.ppermute(
+        x[:, half:], axes, [(r, _zigzag_piece_home(2 * r + 1, n)) for r in range(n)]
+    )
+    even = jax.lax.axis_index(axes) % 2 == 0
+    return jnp.concatenate(
+        [jnp.where(even, from_first, from_second), jnp.where(even, from_second, from_first)],
+        axis=1,
+    )
+
+
+def from_zigzag(x: Array, axes: AxisNames, n: int) -> Array:
+    """The inverse of `to_zigzag`."""
+    half = x.shape[1] // 2
+    even = jax.lax.axis_index(axes) % 2 == 0
+    to_first = jnp.where(even, x[:, :half], x[:, half:])
+    to_second = jnp.where(even, x[:, half:], x[:, :half])
+    first = jax.lax.ppermute(to_first, axes, [(_zigzag_piece_home(2 * r, n), r) for r in range(n)])
+    second = jax.lax.ppermute(
+        to_second, axes, [(_zigzag_piece_home(2 * r + 1, n), r) for r in range(n)]
+    )
+    return jnp.concatenate([first, second], axis=1)
+
+
+def _zigzag_ring(impl, axes, n, q, k, v, pos, seg) -> Array:
+    q, k, v, pos, seg = (to_zigzag(x, axes, n) for x in (q, k, v, pos, seg))
+    return from_zigzag(_ring(impl, axes, n, False, q, k, v, pos, seg), axes, n)
 
 
 def _chunked_local(impl, chunk, axes, n, q, k, v, pos, seg) -> Array:
@@ -225,15 +328,24 @@ def _chunked_local(impl, chunk, axes, n, q, k, v, pos, seg) -> Array:
     return merge_partials([own, halo])[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(impl, axes, n, q, k, v, pos, seg) -> Array:
-    return _ring_forward(impl, axes, n, q, k, v, pos, seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ring(impl, axes, n, contiguous, q, k, v, pos, seg) -> Array:
+    return _ring_forward(impl, axes, n, contiguous, q, k, v, pos, seg)[0]
 
 
-def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
+def _skipping(contiguous: bool, r: Array, i: Array, n: int, f, nothing):
+    """f, or `nothing` where ring step i brings shard r keys that none of its queries may
+    see: a later shard's, in contiguous order (in zig-zag order every step has work)."""
+    if not contiguous:
+        return f
+    return lambda kv: jax.lax.cond((r - i) % n <= r, f, nothing, kv)
+
+
+def _ring_forward(impl, axes, n, contiguous, q, k, v, pos, seg) -> tuple[Array, Array]:
     """-> (out, fp32 logsumexp) of this shard's queries over every shard's keys. With `splash`
-    the diagonal step runs its causal mask and the others its full one (an earlier shard's keys
-    all precede this shard's queries; segments still apply), by index like splash elsewhere."""
+    (contiguous order only) the diagonal step runs its causal mask and the others its full one
+    (an earlier shard's keys all precede this shard's queries; segments still apply), by index
+    like splash elsewhere."""
     r = jax.lax.axis_index(axes)
     b, t, heads, _ = q.shape
 
@@ -250,7 +362,7 @@ def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
     def step(carry, i):  # receive shard (r - i) mod n's block, attend unless it is later
         acc, kv = carry
         kv = tuple(_shift(x, axes, n) for x in kv)
-        part = jax.lax.cond((r - i) % n <= r, attend, empty, kv)
+        part = _skipping(contiguous, r, i, n, attend, empty)(kv)
         return (merge_partials([acc, part]), kv), None
 
     # a scan, not an unrolled loop, so each step reuses the previous step's buffers
@@ -260,12 +372,12 @@ def _ring_forward(impl, axes, n, q, k, v, pos, seg) -> tuple[Array, Array]:
     return acc
 
 
-def _ring_fwd(impl, axes, n, q, k, v, pos, seg):
-    out, lse = _ring_forward(impl, axes, n, q, k, v, pos, seg)
+def _ring_fwd(impl, axes, n, contiguous, q, k, v, pos, seg):
+    out, lse = _ring_forward(impl, axes, n, contiguous, q, k, v, pos, seg)
     return out, (q, k, v, pos, seg, out, lse)
 
 
-def _ring_bwd(impl, axes, n, residuals, dout):
+def _ring_bwd(impl, axes, n, contiguous, residuals, dout):
     """The K/V blocks go round the ring again, each with its fp32 dK/dV accumulator; every
     shard adds its queries' share (`attention_grads`, from the saved output and logsumexp) and
     passes both on; one last shift brings each accumulator home. Autodiff of the forward scan
@@ -292,7 +404,7 @@ def _ring_bwd(impl, axes, n, residuals, dout):
         dq, kv, (dk, dv) = carry
         kv = tuple(_shift(x, axes, n) for x in kv)
         dk, dv = _shift(dk, axes, n), _shift(dv, axes, n)
-        dq_i, dk_i, dv_i = jax.lax.cond((r - i) % n <= r, grads, nothing, kv)
+        dq_i, dk_i, dv_i = _skipping(contiguous, r, i, n, grads, nothing)(kv)
         return (dq + dq_i, kv, (dk + dk_i, dv + dv_i)), None
 
     with jax.named_scope("cp_ring_grad"):

@@ -13,12 +13,12 @@ NoPE/global layers keep every index (S = T + N - 1), chunked RoPE layers a ring 
 S = min(attention_chunk_size, T + N - 1) slots. Sampling is `l4jax.sampling`; the command
 line, `l4jax.generate_cli`. Prefill runs the prompt in pieces of `prefill_chunk` tokens
 (default the attention chunk size; on a `sequence` mesh the whole prompt, which is split over
-the shards and attends through the ring, `l4jax.context_parallel`): the first piece (the remainder T % piece) attends within
-itself, every later piece attends to the cache and itself (`l4jax.model.cached_attention`) and
-is stored, and only the last position's logits are computed, so a long prompt needs the cache
-plus one piece's activations. Then one `jax.lax.while_loop` decodes (one token per row and
-iteration) until every row has stopped or N tokens exist. Shapes are static: B batch, T padded
-prompt length, N max new tokens, V vocab.
+the shards and attends through the ring, `l4jax.context_parallel`): the first piece (the
+remainder T % piece) attends within itself, every later piece attends to the cache and
+itself (`l4jax.model.cached_attention`) and is stored, and only the last position's logits are
+computed, so a long prompt needs the cache plus one piece's activations. Then one
+`jax.lax.while_loop` decodes (one token per row and iteration) until every row has stopped or
+N tokens exist. Shapes are static: B batch, T padded prompt length, N max new tokens, V vocab.
 """
 
 from __future__ import annotations

@@ -265,7 +265,8 @@ class Attention(nn.Module):
         impl = cfg.attention_impl
         # the sequence split over the ambient mesh, if any (not while creating parameters,
         # which does not depend on it and may trace a short dummy sequence)
-        cp = None if self.is_initializing() else context_parallel.for_mesh()
+        layout = cfg.context_parallel_layout
+        cp = None if self.is_initializing() else context_parallel.for_mesh(layout=layout)
         if cache is not None and cache_index is not None:
             out, cache = cached_attention(
                 impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk, cp

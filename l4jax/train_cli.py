@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from l4jax.config import PRESETS, REMAT_POLICIES, Llama4Config, preset
+from l4jax.config import CONTEXT_PARALLEL_LAYOUTS, PRESETS, REMAT_POLICIES, Llama4Config, preset
 from l4jax.post import make_task
 from l4jax.post.init_from import init_from_config
 from l4jax.train import train
@@ -32,6 +32,11 @@ def add_train_arguments(p: Any) -> None:
     model.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master weights")
     model.add_argument("--moe-impl", choices=("auto", "ragged_dot", "pallas", "megablox", "dense"))
     model.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialisation policy")
+    model.add_argument(
+        "--context-parallel-layout",
+        choices=CONTEXT_PARALLEL_LAYOUTS,
+        help="global layers' token order on a `sequence` mesh (zigzag: causal load balance)",
+    )
     par = groups["parallelism"]
     par.add_argument("--coordinator", help="multi-process: coordinator host:port")
     par.add_argument("--num-processes", type=int, help="multi-process: number of processes")
@@ -66,6 +71,7 @@ def model_config_from_args(args: Any) -> Llama4Config:
             ("param_dtype", args.param_dtype),
             ("moe_impl", args.moe_impl),
             ("remat_policy", args.remat),
+            ("context_parallel_layout", args.context_parallel_layout),
         )
         if value is not None
     }

@@ -299,6 +299,10 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     'l4jax generate --checkpoint DIR --prompt "..." --quantize int4': (
         "tests/test_quantization.py::test_generate_cli_quantize"
     ),
+    # docs/long_context.md
+    "l4jax train --context-parallel-layout zigzag": (
+        "tests/test_context_parallel.py::test_train_flag_sets_the_layout"
+    ),
     # docs/training.md
     "l4jax train --preset tiny --steps 50": TRAIN_CLI,  # the same CLI, tiny preset, 12 steps
     "tensorboard --logdir runs/demo/tensorboard": TRAIN_RUN,  # asserts the event files
@@ -338,6 +342,13 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/long_context.py --cp": HELP,
     "python benchmarks/long_context.py --cp --lengths 16384 65536": HELP,
     "python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5": HELP,
+    # the same computation (`context_parallel.ring_work`), asserted
+    "python benchmarks/long_context.py --cp-balance --lengths 65536 1048576 --shards 4 8 16": (
+        "tests/test_context_parallel.py::test_zigzag_order_balances_the_causal_ring"
+    ),
+    "python benchmarks/long_context.py --cp-balance": (
+        "tests/test_context_parallel.py::test_zigzag_order_balances_the_causal_ring"
+    ),
     "python benchmarks/moe.py --part roofline": (
         "tests/test_docs.py::test_roofline_table_is_what_the_script_prints"
     ),
