@@ -8,8 +8,10 @@ turns in Meta's dialog format, images through `l4jax.image_prompts`, the argpars
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -17,17 +19,22 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from l4jax import context_parallel, quantization
 from l4jax.config import PRESETS, preset
 from l4jax.convert import from_pretrained
 from l4jax.convert.formats import open_checkpoint, source_config
 from l4jax.decoding import generate
 from l4jax.errors import ConfigError, ImageError
-from l4jax.model import Llama4ForCausalLM, init_params
+from l4jax.model import Llama4ForCausalLM, init_params, param_logical_axes
 from l4jax.quantization import MODES, quantize_logged
 from l4jax.tokenizer import Message, Tokenizer
 from l4jax.vision_config import PIXEL_DTYPES
+from sharding import make_mesh
+from sharding.rules import mesh_context, shard_params
 
 if TYPE_CHECKING:  # (l4jax.image_prompts, with PIL, loads when images are used)
+    from jax.sharding import Mesh
+
     from l4jax.image_prompts import ChatImages
 
 log = logging.getLogger(__name__)
@@ -88,9 +95,11 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     write: Callable[[str], Any],
+    mesh: Mesh | None = None,
     **generate_kwargs: Any,
 ) -> tuple[list[int], int | None]:
     """Generate for one prompt, writing text pieces as tokens arrive (`Tokenizer.decode_stream`).
+    `mesh`: generate under it and its logical rules (`spread_over_mesh`).
 
     Returns (new ids before the stop token, the stop id or None if max_new_tokens ran out).
     """
@@ -98,15 +107,16 @@ def stream_generate(
     arrived: queue.Queue[int | None] = queue.Queue()
     failure: list[BaseException] = []
 
-    def run() -> None:
+    def run() -> None:  # (the mesh context is per thread: entered here)
         try:
-            generate(
-                model,
-                params,
-                [prompt_ids],
-                on_token=lambda t: arrived.put(int(t[0])),
-                **generate_kwargs,
-            )
+            with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+                generate(
+                    model,
+                    params,
+                    [prompt_ids],
+                    on_token=lambda t: arrived.put(int(t[0])),
+                    **generate_kwargs,
+                )
         except BaseException as e:  # re-raised in the caller's thread
             failure.append(e)
         finally:
@@ -227,6 +237,13 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         prompt.add_argument(
             "--chat-json", help='file with a JSON list of {"role", "content"} messages'
         )
+        p.add_argument(
+            "--mesh",
+            default="",
+            help="spread the model and the prompt over devices, e.g. sequence=8 (the prompt's "
+            "length split over 8 devices: context parallelism, docs/long_context.md) or "
+            "fsdp=2,sequence=4; text prompts only",
+        )
     where = "the first user turn" if chat else "the prompt text / first user message"
     p.add_argument(
         "--image",
@@ -259,15 +276,31 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     )
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _sampling_kwargs(args: argparse.Namespace, pad_to_multiple_of: int = 64) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        pad_to_multiple_of=64,  # chat turns of similar length reuse one compilation
+        pad_to_multiple_of=pad_to_multiple_of,  # chat turns of similar length: one compilation
     )
+
+
+def spread_over_mesh(model: Llama4ForCausalLM, params: Any, spec: str) -> tuple[Mesh, Any, int]:
+    """`--mesh`: (the mesh, the params placed on it by their logical axes, the prompt length
+    multiple). With a `sequence` axis the prompt's length is split over it (context
+    parallelism, `l4jax.context_parallel`): prompts are left-padded to a multiple of the
+    shards x the attention chunk, so every shard holds whole chunks."""
+    mesh = make_mesh(spec)
+    axes = quantization.logical_axes(param_logical_axes(model.config), params)
+    params = shard_params(params, axes, mesh)
+    with mesh_context(mesh):
+        cp = context_parallel.for_mesh()
+    shard_multiple = 1 if cp is None else cp.shards * (model.config.attention_chunk_size or 1)
+    multiple = math.lcm(64, shard_multiple)
+    log.info("mesh %s: prompts padded to a multiple of %d tokens", dict(mesh.shape), multiple)
+    return mesh, params, multiple
 
 
 def _write(text: str) -> None:
@@ -293,6 +326,8 @@ def read_prompt_file(path: str) -> str:
 
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`l4jax generate`: one completion, streamed to stdout."""
+    if args.mesh and args.image:
+        raise ConfigError("--mesh: text prompts only; generate with --image on one device")
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     messages = None if args.prompt is not None else read_chat_json(args.chat_json)
@@ -313,7 +348,11 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode_dialog_prompt(messages)
     log.info("prompt: %d tokens, %d image(s)", len(prompt), len(args.image))
     params = quantize_logged(params, model.config, args.quantize)
-    stream_generate(model, params, tokenizer, prompt, _write, **_sampling_kwargs(args), **images)
+    mesh, multiple = None, 64
+    if args.mesh:
+        mesh, params, multiple = spread_over_mesh(model, params, args.mesh)
+    kwargs = _sampling_kwargs(args, multiple)
+    stream_generate(model, params, tokenizer, prompt, _write, mesh, **kwargs, **images)
     _write("\n")
     return 0
 

@@ -292,3 +292,31 @@ def test_train_flag_sets_the_layout():
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["train", "--context-parallel-layout", "striped"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.slow
+def test_generate_cli_on_a_sequence_mesh_gives_the_same_text(capsys, monkeypatch):
+    """`l4jax generate --mesh data=2,sequence=4`: the params placed on the mesh, the prompt
+    left-padded to whole chunks per shard and prefilled through the ring; greedy text equal to
+    one device's. With an image it is a one-line error (exit 2)."""
+    from l4jax import cli
+
+    sharded = []
+    self_attention = context_parallel.ContextParallel.self_attention
+
+    def counting(cp, impl, q, *rest):
+        sharded.append(q.shape[1])
+        return self_attention(cp, impl, q, *rest)
+
+    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
+    args = ["generate", "--preset", "tiny", "--prompt", "The quick brown fox " * 6]
+    args += ["--temperature", "0", "--max-new-tokens", "5"]
+    assert cli.main(args) == 0
+    want = capsys.readouterr().out
+    assert not sharded
+    assert cli.main([*args, "--mesh", "data=2,sequence=4"]) == 0
+    got = capsys.readouterr().out
+    assert sharded and all(t % (4 * TINY.attention_chunk_size) == 0 for t in sharded), sharded
+    assert got == want and want.strip()
+    assert cli.main([*args, "--mesh", "sequence=4", "--image", "photo.jpg"]) == 2
+    assert "--mesh: text prompts only" in capsys.readouterr().err
