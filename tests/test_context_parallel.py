@@ -210,8 +210,23 @@ def test_flash_decoding_over_cache_shards_equals_whole_cache():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.fixture
+def sharded(monkeypatch):
+    """The sequence lengths of the layers whose attention ran context-parallel (appended when
+    `ContextParallel.self_attention` is traced)."""
+    lengths = []
+    self_attention = context_parallel.ContextParallel.self_attention
+
+    def counting(cp, impl, q, *rest):
+        lengths.append(q.shape[1])
+        return self_attention(cp, impl, q, *rest)
+
+    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
+    return lengths
+
+
 @pytest.mark.slow
-def test_sharded_prefill_and_decode_give_the_same_tokens(monkeypatch):
+def test_sharded_prefill_and_decode_give_the_same_tokens(sharded):
     model, params = Llama4ForCausalLM(TWO), init_params(TWO, 0)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, TWO.vocab_size, (2, 128))  # 4 shards of one chunk each
@@ -219,14 +234,6 @@ def test_sharded_prefill_and_decode_give_the_same_tokens(monkeypatch):
     new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
     # the default pieces: 4 of one chunk each unsharded; the whole prompt on the sequence mesh
     loop = make_loop(model, 2, new)  # greedy
-    sharded = []  # layers whose prompt attention ran context-parallel (counted when traced)
-    self_attention = context_parallel.ContextParallel.self_attention
-
-    def counting(cp, impl, q, *rest):
-        sharded.append(q.shape[1])
-        return self_attention(cp, impl, q, *rest)
-
-    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
 
     def run():
         state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
@@ -295,20 +302,12 @@ def test_train_flag_sets_the_layout():
 
 
 @pytest.mark.slow
-def test_generate_cli_on_a_sequence_mesh_gives_the_same_text(capsys, monkeypatch):
+def test_generate_cli_on_a_sequence_mesh_gives_the_same_text(capsys, sharded):
     """`l4jax generate --mesh data=2,sequence=4`: the params placed on the mesh, the prompt
     left-padded to whole chunks per shard and prefilled through the ring; greedy text equal to
     one device's. With an image it is a one-line error (exit 2)."""
     from l4jax import cli
 
-    sharded = []
-    self_attention = context_parallel.ContextParallel.self_attention
-
-    def counting(cp, impl, q, *rest):
-        sharded.append(q.shape[1])
-        return self_attention(cp, impl, q, *rest)
-
-    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
     args = ["generate", "--preset", "tiny", "--prompt", "The quick brown fox " * 6]
     args += ["--temperature", "0", "--max-new-tokens", "5"]
     assert cli.main(args) == 0
