@@ -340,6 +340,7 @@ def attention_speed(lengths: list[int], runs: int) -> None:
 
 
 def cp_balance(lengths: list[int], shard_counts: list[int]) -> None:
+    from l4jax.config import CONTEXT_PARALLEL_LAYOUTS
     from l4jax.context_parallel import ring_work
 
     print("one causal global layer, one document; work in (128 x 512) block pairs")
@@ -350,7 +351,7 @@ def cp_balance(lengths: list[int], shard_counts: list[int]) -> None:
     print("|---|---|---|---|---|---|---|")
     for t in lengths:
         for n in shard_counts:
-            work = {layout: ring_work(t, n, layout) for layout in ("contiguous", "zigzag")}
+            work = {layout: ring_work(t, n, layout) for layout in CONTEXT_PARALLEL_LAYOUTS}
             path = {k: int(w.max(axis=1).sum()) for k, w in work.items()}
             total = int(work["contiguous"].sum())
             ratio = path["zigzag"] / path["contiguous"]

@@ -82,7 +82,7 @@ class Llama4Config:
     moe_impl: str = "auto"  # l4jax.moe.resolve_impl: pallas on TPU, ragged_dot elsewhere
     remat_policy: str = "none"
     attention_impl: str = "auto"  # l4jax.attention.resolve_impl
-    context_parallel_layout: str = "contiguous"  # l4jax.context_parallel.LAYOUTS
+    context_parallel_layout: str = "contiguous"  # CONTEXT_PARALLEL_LAYOUTS
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

@@ -73,7 +73,7 @@ from l4jax.attention import (
     splash_attention,
     visited_blocks,
 )
-from l4jax.config import CONTEXT_PARALLEL_LAYOUTS as LAYOUTS
+from l4jax.config import CONTEXT_PARALLEL_LAYOUTS
 from l4jax.errors import ConfigError
 
 Array = jax.Array
@@ -119,8 +119,10 @@ class ContextParallel:
             raise ConfigError(
                 f"context parallelism: exchange {exchange!r}; choose from {EXCHANGES}"
             )
-        if layout not in LAYOUTS:
-            raise ConfigError(f"context parallelism: layout {layout!r}; choose from {LAYOUTS}")
+        if layout not in CONTEXT_PARALLEL_LAYOUTS:
+            raise ConfigError(
+                f"context parallelism: layout {layout!r}; choose from {CONTEXT_PARALLEL_LAYOUTS}"
+            )
         return cls(
             mesh,
             seq_axes=_mesh_axes(("activation_length",), rules, mesh),
@@ -145,6 +147,13 @@ class ContextParallel:
     def zigzag(self) -> bool:
         """Global layers go round the ring in zig-zag order (`exchange="ring"` only)."""
         return self.layout == "zigzag" and self.exchange == "ring"
+
+    def length_multiple(self, chunk_size: int | None) -> int:
+        """The sequence lengths a model with this attention chunk (None: no chunked layers)
+        can split into, as `check_length` asks of its layers, are the multiples of this: whole
+        chunks per shard, and two pieces per shard in zig-zag order."""
+        n = self.shards
+        return math.lcm(n * (chunk_size or 1), 2 * n if self.zigzag else n)
 
     def check_length(self, t: int, chunk_size: int | None) -> None:
         """A sequence that does not divide into the shards (two pieces per shard in zig-zag

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # (l4jax.image_prompts, with PIL, loads when images are used)
     from l4jax.image_prompts import ChatImages
 
 log = logging.getLogger(__name__)
+# prompts are left-padded to a multiple of this, so turns of similar length share a compilation
+PAD_MULTIPLE = 64
 
 
 def load_for_generation(
@@ -276,29 +278,33 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     )
 
 
-def _sampling_kwargs(args: argparse.Namespace, pad_to_multiple_of: int = 64) -> dict[str, Any]:
+def _sampling_kwargs(
+    args: argparse.Namespace, pad_to_multiple_of: int = PAD_MULTIPLE
+) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        pad_to_multiple_of=pad_to_multiple_of,  # chat turns of similar length: one compilation
+        pad_to_multiple_of=pad_to_multiple_of,
     )
 
 
 def spread_over_mesh(model: Llama4ForCausalLM, params: Any, spec: str) -> tuple[Mesh, Any, int]:
     """`--mesh`: (the mesh, the params placed on it by their logical axes, the prompt length
     multiple). With a `sequence` axis the prompt's length is split over it (context
-    parallelism, `l4jax.context_parallel`): prompts are left-padded to a multiple of the
-    shards x the attention chunk, so every shard holds whole chunks."""
+    parallelism, `l4jax.context_parallel`): prompts are left-padded to a length it can split
+    (`ContextParallel.length_multiple`: whole chunks per shard, two pieces per shard in
+    zig-zag order)."""
     mesh = make_mesh(spec)
     axes = quantization.logical_axes(param_logical_axes(model.config), params)
     params = shard_params(params, axes, mesh)
+    config = model.config
     with mesh_context(mesh):
-        cp = context_parallel.for_mesh()
-    shard_multiple = 1 if cp is None else cp.shards * (model.config.attention_chunk_size or 1)
-    multiple = math.lcm(64, shard_multiple)
+        cp = context_parallel.for_mesh(layout=config.context_parallel_layout)
+    split = 1 if cp is None else cp.length_multiple(config.attention_chunk_size)
+    multiple = math.lcm(PAD_MULTIPLE, split)
     log.info("mesh %s: prompts padded to a multiple of %d tokens", dict(mesh.shape), multiple)
     return mesh, params, multiple
 
@@ -348,7 +354,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode_dialog_prompt(messages)
     log.info("prompt: %d tokens, %d image(s)", len(prompt), len(args.image))
     params = quantize_logged(params, model.config, args.quantize)
-    mesh, multiple = None, 64
+    mesh, multiple = None, PAD_MULTIPLE
     if args.mesh:
         mesh, params, multiple = spread_over_mesh(model, params, args.mesh)
     kwargs = _sampling_kwargs(args, multiple)

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from l4jax import context_parallel
 from l4jax.attention import attention, self_mask
-from l4jax.config import preset
+from l4jax.config import CONTEXT_PARALLEL_LAYOUTS, preset
 from l4jax.decoding import decode, make_loop, prefill
 from l4jax.errors import ConfigError
 from l4jax.model import Llama4ForCausalLM, cache_mask, init_params
@@ -163,6 +163,13 @@ def test_bad_lengths_are_config_errors_naming_both_numbers():
     q, k, v, pos, seg = packed_inputs(t=100)  # 4 shards of 25, but not 8 pieces
     with mesh_context(mesh), pytest.raises(ConfigError, match="length 100 into 8 pieces"):
         cp.self_attention("xla", q, k, v, pos, seg, None)
+    # the lengths every layer accepts (what `l4jax generate --mesh` pads prompts to)
+    contiguous = cp_for("data=2,sequence=4")[1]
+    assert [contiguous.length_multiple(c) for c in (32, None)] == [128, 4]
+    assert [cp.length_multiple(c) for c in (32, None)] == [128, 8]
+    for c in (32, None):
+        cp.check_length(cp.length_multiple(c), c)
+        contiguous.check_length(contiguous.length_multiple(c), c)
 
 
 def test_zigzag_order_balances_the_causal_ring():
@@ -185,7 +192,7 @@ def test_zigzag_order_balances_the_causal_ring():
     np.testing.assert_array_equal(back(there(tokens)), tokens)
     work = {
         layout: context_parallel.ring_work(8192, 8, layout, block_q=128, block_k=128)
-        for layout in context_parallel.LAYOUTS
+        for layout in CONTEXT_PARALLEL_LAYOUTS
     }
     contiguous, zigzag = work["contiguous"], work["zigzag"]  # [step, shard] block pairs
     assert contiguous.sum() == zigzag.sum()  # the same attention, moved about
