@@ -291,13 +291,12 @@ def _sampling_kwargs(
     )
 
 
-def spread_over_mesh(model: Llama4ForCausalLM, params: Any, spec: str) -> tuple[Mesh, Any, int]:
-    """`--mesh`: (the mesh, the params placed on it by their logical axes, the prompt length
+def spread_over_mesh(model: Llama4ForCausalLM, params: Any, mesh: Mesh) -> tuple[Any, int]:
+    """`--mesh`: (the params placed on `mesh` by their logical axes, the prompt length
     multiple). With a `sequence` axis the prompt's length is split over it (context
     parallelism, `l4jax.context_parallel`): prompts are left-padded to a length it can split
     (`ContextParallel.length_multiple`: whole chunks per shard, two pieces per shard in
     zig-zag order)."""
-    mesh = make_mesh(spec)
     axes = quantization.logical_axes(param_logical_axes(model.config), params)
     params = shard_params(params, axes, mesh)
     config = model.config
@@ -306,7 +305,7 @@ def spread_over_mesh(model: Llama4ForCausalLM, params: Any, spec: str) -> tuple[
     split = 1 if cp is None else cp.length_multiple(config.attention_chunk_size)
     multiple = math.lcm(PAD_MULTIPLE, split)
     log.info("mesh %s: prompts padded to a multiple of %d tokens", dict(mesh.shape), multiple)
-    return mesh, params, multiple
+    return params, multiple
 
 
 def _write(text: str) -> None:
@@ -334,6 +333,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     """`l4jax generate`: one completion, streamed to stdout."""
     if args.mesh and args.image:
         raise ConfigError("--mesh: text prompts only; generate with --image on one device")
+    mesh = make_mesh(args.mesh) if args.mesh else None  # a bad spec fails before loading
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     messages = None if args.prompt is not None else read_chat_json(args.chat_json)
@@ -354,9 +354,9 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode_dialog_prompt(messages)
     log.info("prompt: %d tokens, %d image(s)", len(prompt), len(args.image))
     params = quantize_logged(params, model.config, args.quantize)
-    mesh, multiple = None, PAD_MULTIPLE
-    if args.mesh:
-        mesh, params, multiple = spread_over_mesh(model, params, args.mesh)
+    multiple = PAD_MULTIPLE
+    if mesh is not None:
+        params, multiple = spread_over_mesh(model, params, mesh)
     kwargs = _sampling_kwargs(args, multiple)
     stream_generate(model, params, tokenizer, prompt, _write, mesh, **kwargs, **images)
     _write("\n")

@@ -250,6 +250,10 @@ def test_cli_generate_chat_and_errors(tmp_path, capsys, monkeypatch):
     bad.write_text(json.dumps([{"role": "robot", "content": "hi"}]))
     assert cli.main(["generate", "--preset", "tiny", "--chat-json", str(bad)]) == 2
     assert "message 0 needs a role" in capsys.readouterr().err
+    # a mesh the devices cannot form fails before any checkpoint is read
+    missing = ["--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"]
+    assert cli.main(["generate", *missing, "--mesh", "sequence=3"]) == 2
+    assert "mesh spec 'sequence=3'" in capsys.readouterr().err
 
 
 def test_gather_backend_matches_dense_oracle():
