@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ import orbax.checkpoint as ocp
 
 from l4jax.config import Llama4Config
 from l4jax.convert.orbax import restore_params
+from l4jax.convert.streaming import remove_settled
 from l4jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,9 @@ class TrainCheckpointer:
             except (ValueError, OSError, RuntimeError):
                 pass  # the save's failure was raised above; closing re-reports it
             if self._failure and jax.process_index() == 0:
-                # the unfinished step, once Orbax's threads are done with it (a rerun's
-                # CheckpointManager would remove it too: cleanup_tmp_directories)
-                for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                # the unfinished step (a rerun's CheckpointManager would remove it too:
+                # cleanup_tmp_directories)
+                remove_settled(self.directory, "*.orbax-checkpoint-tmp*")
             if not self._failure:
                 for name in ("absl", "asyncio"):
                     logging.getLogger(name).removeFilter(self._quiet)

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from l4jax import generate
 from l4jax.checkpoint import lock_run_dir
 from l4jax.cli import main
 from l4jax.convert.conversion import convert_checkpoint
+from l4jax.convert.streaming import remove_settled
 from l4jax.errors import CheckpointError, ConfigError, InputError
 from l4jax.train import train
 from l4jax.train_config import CheckpointConfig, TrainConfig
@@ -229,6 +232,26 @@ def test_disk_full_during_a_training_checkpoint_save(tmp_path):
     rerun = run_python(TRAIN, *argv)
     assert rerun.returncode == 0, rerun.stderr
     assert (run / "1" / "config.json").is_file()
+
+
+def test_a_failed_saves_late_writes_are_removed_too(tmp_path):
+    """A failed Orbax save raises at its first failed write while its other writes may still
+    land, recreating the directory one `rmtree` removed (CI saw `1.orbax-checkpoint-tmp/params
+    .orbax-checkpoint-tmp/_sharding` left behind): removal repeats until nothing reappears."""
+    step = tmp_path / "1.orbax-checkpoint-tmp"
+
+    def late_write():
+        time.sleep(0.3)  # (after the first removal)
+        (step / "params.orbax-checkpoint-tmp").mkdir(parents=True)
+        (step / "params.orbax-checkpoint-tmp" / "_sharding").write_text("{}")
+
+    (step / "params").mkdir(parents=True)
+    (tmp_path / "1").mkdir()  # a complete step: not the pattern's
+    writer = threading.Thread(target=late_write)
+    writer.start()
+    remove_settled(tmp_path, "*.orbax-checkpoint-tmp*", quiet_s=0.6)
+    writer.join()
+    assert [p.name for p in tmp_path.iterdir()] == ["1"]
 
 
 # ---- conversion faults and corrupt checkpoints ------------------------------------------------

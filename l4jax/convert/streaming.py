@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,9 +145,25 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
         except OSError as e:
             raise CheckpointError(f"{dst}: cannot move the finished checkpoint there ({e})") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_settled(tmp.parent, tmp.name)
         raise
     hostmem.fsync_path(dst.parent)
+
+
+def remove_settled(parent: Path, pattern: str, quiet_s: float = 1.0, limit_s: float = 30.0):
+    """Remove what `parent.glob(pattern)` finds until nothing reappears for `quiet_s`.
+
+    A failed Orbax save reports its first failed write while its other writes (TensorStore's,
+    off the Python threads, e.g. a `_sharding` file) may still land and recreate a directory
+    that one `rmtree` removed, leaving a half-written step behind."""
+    start = quiet_since = time.monotonic()
+    while time.monotonic() - start < limit_s and time.monotonic() - quiet_since < quiet_s:
+        found = list(Path(parent).glob(pattern))
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        if found:
+            quiet_since = time.monotonic()
+        time.sleep(0.05)
 
 
 def remove_stale_partials(dst: Path) -> None:

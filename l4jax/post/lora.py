@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +193,7 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
     import orbax.checkpoint as ocp
 
     from l4jax.checkpoint import TRAIN_CONFIG_FILE, read_run_config, step_dir
+    from l4jax.convert.streaming import atomic_directory
     from l4jax.errors import read_json_object
 
     run, dst = Path(run_dir).absolute(), Path(dst).absolute()
@@ -227,17 +227,9 @@ def merge_lora_run(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int
         lambda w: w.astype(dtype) if isinstance(w, QArray) else w,
         merged, is_leaf=lambda x: isinstance(x, QArray),
     )  # fmt: skip
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(dst) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", merged)
         checkpointer.wait_until_finished()
         config.to_json_file(tmp / "config.json")
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst, config
