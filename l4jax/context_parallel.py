@@ -10,8 +10,8 @@ L = T / n tokens each (L a whole multiple of `attention_chunk_size`):
                                part = attend(q_l, k, v)        skipped if that shard is later
                                out  = merge by logsumexp       (attention.merge_partials)
                                k, v = ppermute(k, v, +1)       (not after the last step)
-    decode (T = 1):        each shard's partial softmax over its slice of the cache, merged
-                           by logsumexp with pmax / psum (flash-decoding)
+    cache (decode step or  each shard's partial softmax over its slice of the cache, merged
+    prefill piece):        by logsumexp with pmax / psum (flash-decoding)
 
 Chunked layers: a query sees keys of its own chunk by *position*. With positions equal to
 indices (unpacked rows) a shard holds whole chunks, so the halo block is entirely masked (the
@@ -218,12 +218,13 @@ class ContextParallel:
         )
         return run(q_btnh, k_btkh, v_btkh, positions_bt.astype(jnp.int32), segments_bt)
 
-    def decode_attention(
+    def cache_attention(
         self, impl: str, q_btnh: Array, k_bskh: Array, v_bskh: Array, mask: MaskSpec
-    ) -> Array | None:
-        """Flash-decoding: T query tokens over a cache of S slots split over the sequence
-        shards -> out [B, T, N, H]; None when S does not divide into the shards (the caller
-        then attends over the whole cache)."""
+    ) -> tuple[Array, Array] | None:
+        """Flash-decoding: T query tokens (a decode step, or a prefill piece) over a cache of S
+        slots split over the sequence shards -> (out [B, T, N, H], fp32 logsumexp [B, T, N]);
+        None when S does not divide into the shards (the caller then attends over the whole
+        cache). Each shard reads only its own slots: a piece never gathers the cache."""
         if k_bskh.shape[1] % self.shards:
             return None
         batch, seq = self._batch(q_btnh.shape[0]), _axes(self.seq_axes)
@@ -234,10 +235,10 @@ class ContextParallel:
             PartitionSpec(batch, seq), None,
         )  # fmt: skip
         run = jax.shard_map(
-            functools.partial(_decode_local, impl, self.seq_axes, mask.chunk_size),
+            functools.partial(_cache_local, impl, self.seq_axes, mask.chunk_size),
             mesh=self.mesh,
             in_specs=(q_spec, kv_spec, kv_spec, tuple(mask_spec[:4])),
-            out_specs=q_spec,
+            out_specs=(q_spec, PartitionSpec(*q_spec[:3])),
             check_vma=False,
         )
         return run(q_btnh, k_bskh, v_bskh, tuple(x.astype(jnp.int32) for x in mask[:4]))
@@ -434,11 +435,13 @@ def _gather_local(impl, axes, q, k, v, pos, seg) -> Array:
     return attention(impl, q, kk, vv, MaskSpec(pos, kp, seg, ks, None))[0]
 
 
-def _decode_local(impl, axes, chunk, q, k, v, mask_arrays) -> Array:
+def _cache_local(impl, axes, chunk, q, k, v, mask_arrays) -> tuple[Array, Array]:
     out, lse = attention(impl, q, k, v, MaskSpec(*mask_arrays, chunk), need_lse=True)
     m = jax.lax.pmax(lse, axes)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lse - m)  # 0 for a shard that sees no key
     num = jax.lax.psum(out.astype(jnp.float32) * w[..., None], axes)
     den = jax.lax.psum(w, axes)
-    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)
+    seen = den > 0
+    out = (num / jnp.where(seen, den, 1.0)[..., None]).astype(q.dtype)
+    return out, jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)

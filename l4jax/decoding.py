@@ -194,7 +194,8 @@ def _prefill(
             image_token_id=image_token_id,
         )
     piece = loop.prefill_chunk
-    if piece is None:  # pieces against a sequence-sharded cache would not use the ring
+    if piece is None:  # on a sequence mesh the whole prompt through the ring (pieces would
+        # read the sharded cache by flash-decoding: a query per piece over every shard)
         piece = 0 if cp is not None else (config.attention_chunk_size or 0)
     last_b1v, cache = _prefill_pieces(
         loop.model, params, piece, tokens_bt, positions_bt, segments_bt, cache, merge
@@ -375,8 +376,9 @@ def make_loop(
     `prefill_chunk`: prompt tokens per prefill piece (0: the whole prompt at once). Default:
     the attention chunk size (the whole prompt without chunked layers); under context
     parallelism (a `sequence` mesh when prefill traces) the whole prompt, whose NoPE layers
-    then attend through the ring: a piece against the sequence-sharded cache would run
-    without it. Prompts with images run as one piece (the image embeddings are merged into
+    then attend through the ring; pieces there read the sequence-sharded cache by
+    flash-decoding (every shard's slots for each piece: less activation memory, more passes
+    over the cache). Prompts with images run as one piece (the image embeddings are merged into
     the whole prompt)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

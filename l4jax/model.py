@@ -189,29 +189,27 @@ def cached_attention(
     """T new tokens at indices cache_index.. attend to the cache and to themselves; the cache
     then stores them. One decode step (T == 1) writes first and attends over the cache; a
     prefill piece (T > 1) attends to the cache and to itself separately and merges the two by
-    logsumexp, so the cache is never copied (a ring slot may be overwritten by the piece)."""
+    logsumexp, so the cache is never copied (a ring slot may be overwritten by the piece).
+    Under context parallelism a global layer's cache is split over the sequence shards and
+    both attend to it by flash-decoding (`ContextParallel.cache_attention`)."""
     k_cache, v_cache = cache["k"], cache["v"]
     s, t = k_cache.shape[1], q_btnh.shape[1]
     dtype = q_btnh.dtype
+
+    def over_cache(k_cache, v_cache, held_end):
+        k_all, v_all = k_cache.astype(dtype), v_cache.astype(dtype)
+        mask = cache_mask(s, held_end, cache_index, positions_bt, chunk_size)
+        parts = None
+        if cp is not None and chunk_size is None:
+            parts = cp.cache_attention(impl, q_btnh, k_all, v_all, mask)
+        return parts or attention(impl, q_btnh, k_all, v_all, mask, need_lse=t > 1)
+
     if t == 1:
         k_cache = write_cache(k_cache, k_btkh, cache_index)
         v_cache = write_cache(v_cache, v_btkh, cache_index)
-        mask = cache_mask(s, cache_index + 1, cache_index, positions_bt, chunk_size)
-        k_all, v_all = k_cache.astype(dtype), v_cache.astype(dtype)
-        out = None
-        if cp is not None and chunk_size is None:  # flash-decoding over the cache's shards
-            out = cp.decode_attention(impl, q_btnh, k_all, v_all, mask)
-        if out is None:
-            out, _ = attention(impl, q_btnh, k_all, v_all, mask)
+        out, _ = over_cache(k_cache, v_cache, cache_index + 1)
         return out, {"k": k_cache, "v": v_cache}
-    past = attention(
-        impl,
-        q_btnh,
-        k_cache.astype(dtype),
-        v_cache.astype(dtype),
-        cache_mask(s, cache_index, cache_index, positions_bt, chunk_size),
-        need_lse=True,
-    )
+    past = over_cache(k_cache, v_cache, cache_index)
     own_mask = self_mask(positions_bt, segments_bt, chunk_size)
     own = attention(impl, q_btnh, k_btkh, v_btkh, own_mask, need_lse=True)
     out, _ = merge_partials([past, own])
@@ -272,6 +270,10 @@ class Attention(nn.Module):
                 impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk, cp
             )
         else:
+            # a prefill piece that cannot split into the shards (e.g. shorter than one chunk
+            # per shard) attends as one array; training and whole prompts must split
+            if cp is not None and cache is not None and q.shape[1] % cp.length_multiple(chunk):
+                cp = None
             if cp is not None:
                 out = cp.self_attention(impl, q, k_, v, positions_bt, segments_bt, chunk)
             else:

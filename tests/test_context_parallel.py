@@ -202,19 +202,23 @@ def test_zigzag_order_balances_the_causal_ring():
     assert 0.5 <= ratio < 0.6, ratio
 
 
-def test_flash_decoding_over_cache_shards_equals_whole_cache():
+@pytest.mark.parametrize("t", [1, 6])  # a decode step; a prefill piece
+def test_flash_decoding_over_cache_shards_equals_whole_cache(t):
     rng = np.random.default_rng(3)
-    b, s, t = 2, 64, 1
+    b, s = 2, 64
     q = jnp.asarray(rng.standard_normal((b, t, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, s, 2, 16)), jnp.float32) for _ in range(2))
-    pos = jnp.asarray([[40], [9]], jnp.int32)  # row 1: left padded, sees only shard 0's slots
-    mask = cache_mask(s, jnp.int32(41), jnp.int32(40), pos, None)
-    want = attention("xla", q, k, v, mask)[0]
+    # the piece at indices 40.. over the 40 slots held; row 1 left padded by 31: it sees only
+    # shard 0's slots 31..39 (shards 1-3 have no key for it: their logsumexp is -inf)
+    pos = jnp.asarray([[40], [9]], jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+    mask = cache_mask(s, jnp.int32(40 + (t == 1)), jnp.int32(40), pos, None)
+    want = attention("xla", q, k, v, mask, need_lse=True)
     mesh, cp = cp_for("data=2,sequence=4")
     with mesh_context(mesh):
-        got = jax.jit(lambda q, k, v: cp.decode_attention("xla", q, k, v, mask))(q, k, v)
-        assert cp.decode_attention("xla", q, k[:, :63], v[:, :63], mask) is None
-    np.testing.assert_allclose(got, want, atol=1e-6)
+        got = jax.jit(lambda q, k, v: cp.cache_attention("xla", q, k, v, mask))(q, k, v)
+        assert cp.cache_attention("xla", q, k[:, :63], v[:, :63], mask) is None
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
 @pytest.fixture
@@ -232,15 +236,34 @@ def sharded(monkeypatch):
     return lengths
 
 
+@pytest.fixture
+def flash(monkeypatch):
+    """The query lengths of the attentions that read a sequence-sharded cache by
+    flash-decoding (appended when `ContextParallel.cache_attention` is traced)."""
+    lengths = []
+    cache_attention = context_parallel.ContextParallel.cache_attention
+
+    def counting(cp, impl, q, *rest):
+        lengths.append(q.shape[1])
+        return cache_attention(cp, impl, q, *rest)
+
+    monkeypatch.setattr(context_parallel.ContextParallel, "cache_attention", counting)
+    return lengths
+
+
 @pytest.mark.slow
-def test_sharded_prefill_and_decode_give_the_same_tokens(sharded):
+@pytest.mark.parametrize("piece", [None, 32])
+def test_sharded_prefill_and_decode_give_the_same_tokens(sharded, flash, piece):
+    """The default prefill on a sequence mesh: the whole prompt through the ring; with
+    `prefill_chunk` 32, pieces that read the sharded cache by flash-decoding. Either way the
+    tokens of one device."""
     model, params = Llama4ForCausalLM(TWO), init_params(TWO, 0)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, TWO.vocab_size, (2, 128))  # 4 shards of one chunk each
     lengths = np.array([128, 100])  # row 1 left padded by 28
     new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
     # the default pieces: 4 of one chunk each unsharded; the whole prompt on the sequence mesh
-    loop = make_loop(model, 2, new)  # greedy
+    loop = make_loop(model, 2, new, prefill_chunk=piece, return_logits=True)  # greedy
 
     def run():
         state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
@@ -251,8 +274,13 @@ def test_sharded_prefill_and_decode_give_the_same_tokens(sharded):
     mesh = make_mesh("data=2,sequence=4")
     with mesh_context(mesh):
         got = run()
-    assert sharded and set(sharded) == {128}, sharded  # the whole prompt went through
+    if piece is None:
+        assert sharded and set(sharded) == {128}, sharded  # the whole prompt went through
+    else:  # the first piece (no cache yet) through the ring in the global layer; the later
+        # pieces and the decode steps by flash-decoding
+        assert set(sharded) == {32} and set(flash) == {32, 1}, (sharded, flash)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=2e-5)
     # the global layer's cache (slot 1) is split over rows (data) and length (sequence): each
     # device holds 1/8 of it; the chunked layers' rings only over rows
     for slot, per_device in (("layer_1", 8), ("layer_0", 2)):
