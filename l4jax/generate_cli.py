@@ -173,15 +173,17 @@ def chat_loop(
     write: Callable[[str], Any],
     system: str | None = None,
     images: ChatImages | None = None,
+    no_images: str = "images need a multimodal checkpoint",
     **generate_kwargs: Any,
 ) -> tuple[list[Message], int]:
-    """Interactive chat: each line from `lines` is a user turn; replies stream to `write`.
+    """Interactive chat: each line from `lines` is a user turn; replies stream to `write`
+    (`generate_kwargs`: `stream_generate`'s, `mesh` included).
 
     Every turn re-encodes the whole dialog (Meta's chat format). "/image PATH" queues an image
     for the next user turn (`images`: an `l4jax.image_prompts.ChatImages`, whose text model
-    `model` is; None for a text-only model). A turn with bad image input is skipped with a
-    one-line error on stderr (its images stay queued). Ends at EOF or "/exit"; returns (the
-    dialog, the number of turns skipped).
+    `model` is; None for text only, when "/image" is an error saying `no_images`). A turn with
+    bad image input is skipped with a one-line error on stderr (its images stay queued). Ends
+    at EOF or "/exit"; returns (the dialog, the number of turns skipped).
     """
     messages = [Message("system", system)] if system else []
     skipped = 0
@@ -195,7 +197,7 @@ def chat_loop(
         try:
             if command == "/image":
                 if images is None:
-                    raise ImageError("images need a multimodal checkpoint")
+                    raise ImageError(no_images)
                 images.add(arg.strip())
                 write(f"(image {arg.strip()}: in your next message)\n")
                 continue
@@ -239,13 +241,13 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         prompt.add_argument(
             "--chat-json", help='file with a JSON list of {"role", "content"} messages'
         )
-        p.add_argument(
-            "--mesh",
-            default="",
-            help="spread the model and the prompt over devices, e.g. sequence=8 (the prompt's "
-            "length split over 8 devices: context parallelism, docs/long_context.md) or "
-            "fsdp=2,sequence=4; text prompts only",
-        )
+    p.add_argument(
+        "--mesh",
+        default="",
+        help="spread the model and the prompt over devices, e.g. sequence=8 (the prompt's "
+        "length split over 8 devices: context parallelism, docs/long_context.md) or "
+        "fsdp=2,sequence=4; text only",
+    )
     where = "the first user turn" if chat else "the prompt text / first user message"
     p.add_argument(
         "--image",
@@ -329,11 +331,17 @@ def read_prompt_file(path: str) -> str:
         raise ConfigError(f"{path}: cannot read the prompt file ({e})") from None
 
 
+def _mesh_for(args: argparse.Namespace) -> Mesh | None:
+    """`--mesh`, built before any checkpoint loads, so a spec the devices cannot form fails
+    first; text only."""
+    if args.mesh and args.image:
+        raise ConfigError(f"--mesh: text only; {args.command} with --image on one device")
+    return make_mesh(args.mesh) if args.mesh else None
+
+
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`l4jax generate`: one completion, streamed to stdout."""
-    if args.mesh and args.image:
-        raise ConfigError("--mesh: text prompts only; generate with --image on one device")
-    mesh = make_mesh(args.mesh) if args.mesh else None  # a bad spec fails before loading
+    mesh = _mesh_for(args)
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     messages = None if args.prompt is not None else read_chat_json(args.chat_json)
@@ -366,9 +374,10 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 def run_chat_cli(args: argparse.Namespace) -> int:
     """`l4jax chat`: read user turns from stdin until EOF or /exit. Exit status 2 if a turn
     was skipped for bad image input."""
+    mesh = _mesh_for(args)
     _check_images(args.image)
     model, params, tokenizer = load_for_generation(
-        args.checkpoint, args.preset, args.dtype, args.seed, vision=True
+        args.checkpoint, args.preset, args.dtype, args.seed, vision=mesh is None
     )
     images = None
     if args.image or hasattr(model.config, "vision"):  # ("/image" needs the vision tower)
@@ -390,6 +399,13 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    kwargs = _sampling_kwargs(args)
-    _, skipped = chat_loop(model, params, tokenizer, lines(), _write, args.system, images, **kwargs)
+    multiple, no_images = PAD_MULTIPLE, "images need a multimodal checkpoint"
+    if mesh is not None:
+        params, multiple = spread_over_mesh(model, params, mesh)
+        no_images = "images are not supported with --mesh (text only)"
+    kwargs = _sampling_kwargs(args, multiple)
+    _, skipped = chat_loop(
+        model, params, tokenizer, lines(), _write, args.system, images, no_images,
+        mesh=mesh, **kwargs,
+    )  # fmt: skip
     return 2 if skipped else 0

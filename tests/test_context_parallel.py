@@ -1,6 +1,8 @@
 """Context parallelism (l4jax.context_parallel) on 8 simulated devices: the sequence split over
 the `sequence` mesh axis gives the same attention, gradients, losses and tokens as unsplit."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,20 +339,37 @@ def test_train_flag_sets_the_layout():
 
 
 @pytest.mark.slow
-def test_generate_cli_on_a_sequence_mesh_gives_the_same_text(capsys, sharded):
+def test_generate_and_chat_cli_on_a_sequence_mesh_give_the_same_text(
+    capsys, monkeypatch, sharded, flash
+):
     """`l4jax generate --mesh data=2,sequence=4`: the params placed on the mesh, the prompt
     left-padded to whole chunks per shard and prefilled through the ring; greedy text equal to
-    one device's. With an image it is a one-line error (exit 2)."""
+    one device's; `l4jax chat --mesh` likewise, turn by turn. With an image it is a one-line
+    error (exit 2), and in chat "/image" is refused."""
     from l4jax import cli
 
-    args = ["generate", "--preset", "tiny", "--prompt", "The quick brown fox " * 6]
-    args += ["--temperature", "0", "--max-new-tokens", "5"]
+    mesh = ["--mesh", "data=2,sequence=4"]
+    common = ["--preset", "tiny", "--temperature", "0", "--max-new-tokens", "5"]
+    args = ["generate", *common, "--prompt", "The quick brown fox " * 6]
     assert cli.main(args) == 0
     want = capsys.readouterr().out
     assert not sharded
-    assert cli.main([*args, "--mesh", "data=2,sequence=4"]) == 0
+    assert cli.main([*args, *mesh]) == 0
     got = capsys.readouterr().out
     assert sharded and all(t % (4 * TINY.attention_chunk_size) == 0 for t in sharded), sharded
     assert got == want and want.strip()
     assert cli.main([*args, "--mesh", "sequence=4", "--image", "photo.jpg"]) == 2
-    assert "--mesh: text prompts only" in capsys.readouterr().err
+    assert "--mesh: text only; generate with --image" in capsys.readouterr().err
+
+    turns = "Name three colours.\n/image photo.jpg\nAnd three more?\n"
+    outputs = []
+    for extra in ([], mesh):  # ("/image": the tiny preset has no vision tower; exit 2)
+        monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+        sharded.clear(), flash.clear()
+        jax.clear_caches()  # (so that prefill and decode trace again: the counts see them)
+        assert cli.main(["chat", *common, *extra]) == 2
+        outputs.append(capsys.readouterr())
+        assert bool(sharded) == bool(flash) == bool(extra), (sharded, flash)
+    assert outputs[1].out == outputs[0].out and outputs[0].out.count("assistant> ") == 2
+    assert "images need a multimodal checkpoint" in outputs[0].err
+    assert "images are not supported with --mesh (text only)" in outputs[1].err

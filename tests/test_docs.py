@@ -301,7 +301,10 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     ),
     # docs/long_context.md
     "l4jax generate --checkpoint DIR --prompt-file PATH --mesh sequence=8": (
-        "tests/test_context_parallel.py::test_generate_cli_on_a_sequence_mesh_gives_the_same_text"
+        "tests/test_context_parallel.py::test_generate_and_chat_cli_on_a_sequence_mesh_give_the_same_text"
+    ),
+    "l4jax chat --mesh ...": (
+        "tests/test_context_parallel.py::test_generate_and_chat_cli_on_a_sequence_mesh_give_the_same_text"
     ),
     "l4jax train --context-parallel-layout zigzag": (
         "tests/test_context_parallel.py::test_train_flag_sets_the_layout"

@@ -254,6 +254,8 @@ def test_cli_generate_chat_and_errors(tmp_path, capsys, monkeypatch):
     missing = ["--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"]
     assert cli.main(["generate", *missing, "--mesh", "sequence=3"]) == 2
     assert "mesh spec 'sequence=3'" in capsys.readouterr().err
+    assert cli.main(["chat", "--checkpoint", str(tmp_path / "missing"), "--mesh", "x=1"]) == 2
+    assert "mesh spec 'x=1'" in capsys.readouterr().err
 
 
 def test_gather_backend_matches_dense_oracle():
