@@ -38,7 +38,7 @@ from jax.experimental import io_callback
 from l4jax import context_parallel
 from l4jax.config import Llama4Config
 from l4jax.inputs import check_positions, check_token_ids
-from l4jax.kv_cache import init_cache
+from l4jax.kv_cache import check_cache_dtype, init_cache
 from l4jax.model import Llama4ForCausalLM
 from l4jax.moe import resolve_impl
 from l4jax.sampling import Sampling, sample
@@ -142,6 +142,7 @@ class _Loop(NamedTuple):
     return_logits: bool
     stream: bool
     prefill_chunk: int | None  # prompt tokens per piece (0: the whole prompt; None: default)
+    kv_cache_dtype: str | None  # (None: the compute dtype)
 
 
 def _emit(
@@ -180,7 +181,10 @@ def _prefill(
     # under context parallelism the global layers' caches split over the sequence shards
     cp = context_parallel.for_mesh()
     shards = 1 if cp is None else cp.shards
-    cache = init_cache(config, b, t + n - 1, chunk_aware=loop.chunk_aware, multiple=shards)
+    cache = init_cache(
+        config, b, t + n - 1, chunk_aware=loop.chunk_aware, dtype=loop.kv_cache_dtype,
+        multiple=shards,
+    )  # fmt: skip
     index_t = jnp.arange(t, dtype=jnp.int32)
     pad_b = t - lengths_b
     positions_bt = jnp.maximum(index_t[None, :] - pad_b[:, None], 0)
@@ -370,6 +374,7 @@ def make_loop(
     stream: bool = False,
     decode_moe_impl: str = "auto",
     prefill_chunk: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> _Loop:
     """The static description of a generation that `prefill` and `decode` compile for.
 
@@ -398,6 +403,7 @@ def make_loop(
         return_logits,
         stream,
         None if prefill_chunk is None else int(prefill_chunk),
+        check_cache_dtype(kv_cache_dtype),
     )
 
 
@@ -421,6 +427,7 @@ def generate(
     image_embeds: Any = None,
     image_token_id: int | None = None,
     prefill_chunk: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Generate up to `max_new_tokens` ids per prompt; returns ids [B, T + N] (numpy int32).
 
@@ -438,7 +445,9 @@ def generate(
     cache too (same results, more memory; for tests). `decode_moe_impl`: the MoE backend of the
     decode steps (`decode_moe_backend`; numerically the same as the model's). `image_embeds`
     [M, D] and `image_token_id`: images of the prompts
-    (`l4jax.image_prompts.image_generation_inputs`).
+    (`l4jax.image_prompts.image_generation_inputs`). `kv_cache_dtype`: how the KV cache is
+    stored (`l4jax.kv_cache.KV_CACHE_DTYPES`; default the compute dtype; "int8" quantizes each
+    entry with its own fp32 scale per kv head, about half of bfloat16's memory).
     """
     config = model.config
     pad_id = default_pad_id(config) if pad_id is None else int(pad_id)
@@ -456,6 +465,7 @@ def generate(
         stream=on_token is not None,
         decode_moe_impl=decode_moe_impl,
         prefill_chunk=prefill_chunk,
+        kv_cache_dtype=kv_cache_dtype,
     )
     stops = default_stop_ids(config) if stop_ids is None else tuple(int(i) for i in stop_ids)
     key = jax.random.key(seed)

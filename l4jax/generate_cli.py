@@ -25,6 +25,7 @@ from l4jax.convert import from_pretrained
 from l4jax.convert.formats import open_checkpoint, source_config
 from l4jax.decoding import generate
 from l4jax.errors import ConfigError, ImageError
+from l4jax.kv_cache import KV_CACHE_DTYPES
 from l4jax.model import Llama4ForCausalLM, init_params, param_logical_axes
 from l4jax.quantization import MODES, quantize_logged
 from l4jax.tokenizer import Message, Tokenizer
@@ -273,6 +274,12 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         "--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's, float32"
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        help="how the KV cache is stored (default: the compute dtype); int8: each entry "
+        "quantized with one fp32 scale per kv head, about half of bfloat16's memory",
+    )
+    p.add_argument(
         "--quantize",
         choices=MODES,
         help="quantize the text model's weights after loading (l4jax.quantize: int4 = Meta's "
@@ -290,6 +297,7 @@ def _sampling_kwargs(
         top_p=args.top_p,
         seed=args.seed,
         pad_to_multiple_of=pad_to_multiple_of,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -4,7 +4,8 @@ G layer groups (as the params), B rows, S slots, K kv heads, H head_dim. NoPE/gl
 keep every index (S = the longest sequence); chunked RoPE layers keep a ring of
 S = min(attention_chunk_size, longest) slots, because a query never looks back past the start
 of its chunk (`chunk_aware`). `l4jax.decoding` fills and reads it through the model's
-`cache=` argument.
+`cache=` argument. Stored in the compute dtype, or as int8 (`QArray`s: values and one fp32
+scale per token and kv head), about half of bfloat16's bytes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from l4jax.config import Llama4Config
+from l4jax.errors import ConfigError
 from l4jax.model import kv_cache_axes
+from l4jax.quantization import QArray
 
 Array = jax.Array
+
+# the cache's storage: the compute dtypes, or int8 values with one fp32 scale per (token, kv
+# head) (half of bfloat16's bytes plus 4 / head_dim: 0.52x for head_dim 128)
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def cache_lengths(
@@ -53,14 +60,33 @@ def init_cache(
     chunk_aware: bool = True,
     dtype: Any = None,
     multiple: int = 1,
-) -> dict[str, dict[str, Array]]:
-    """Zeros {"layer_{slot}": {"k", "v": [G, B, S, K, H]}} (dtype: the compute dtype);
-    `multiple`: see `cache_lengths`."""
-    dtype = jnp.dtype(dtype or config.dtype)
+) -> dict[str, dict[str, Array | QArray]]:
+    """Zeros {"layer_{slot}": {"k", "v": [G, B, S, K, H]}} in `dtype` (default: the compute
+    dtype; one of KV_CACHE_DTYPES); "int8": `QArray`s of int8 values and one fp32 scale per
+    (token, kv head), [G, B, S, K, 1], which the model writes quantized and reads
+    dequantized in the compute dtype (`l4jax.model.write_cache`). `multiple`: see
+    `cache_lengths`."""
+    dtype = check_cache_dtype(dtype) or config.dtype
+
+    def zeros(shape):
+        if dtype == "int8":
+            return QArray(jnp.zeros(shape, jnp.int8), jnp.zeros((*shape[:-1], 1), jnp.float32))
+        return jnp.zeros(shape, dtype)
+
     return {
-        name: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        name: {"k": zeros(shape), "v": zeros(shape)}
         for name, shape in _cache_shapes(config, batch, max_len, chunk_aware, multiple).items()
     }
+
+
+def check_cache_dtype(dtype: Any) -> str | None:
+    """`dtype` as a KV_CACHE_DTYPES name (None stays None); anything else a ConfigError."""
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv cache dtype {name!r}: choose one of {KV_CACHE_DTYPES}")
+    return name
 
 
 def cache_logical_axes(config: Llama4Config) -> dict[str, dict[str, PartitionSpec]]:
@@ -79,10 +105,13 @@ def cache_bytes(
     dtype: Any = "bfloat16",
     chunk_aware: bool = True,
 ) -> int:
-    """Bytes of the K and V cache for `batch` rows of `max_len` tokens (arithmetic, no arrays)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    shapes = _cache_shapes(config, batch, max_len, chunk_aware)
-    return 2 * itemsize * sum(int(np.prod(s)) for s in shapes.values())
+    """Bytes of the K and V cache for `batch` rows of `max_len` tokens (arithmetic, no arrays;
+    int8 with its fp32 scales)."""
+    dtype = check_cache_dtype(dtype)
+    shapes = _cache_shapes(config, batch, max_len, chunk_aware).values()
+    values = 2 * jnp.dtype(dtype).itemsize * sum(int(np.prod(s)) for s in shapes)
+    scales = 2 * 4 * sum(int(np.prod(s[:-1])) for s in shapes) if dtype == "int8" else 0
+    return values + scales
 
 
 def tree_bytes(tree: Any) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from l4jax import context_parallel, expert_parallel, moe
 from l4jax.attention import MaskSpec, attention, merge_partials, self_mask
 from l4jax.config import LayerKind, Llama4Config
-from l4jax.quantization import QArray, keep_quantized
+from l4jax.quantization import QArray, keep_quantized, quantize_int8
 
 Array = jax.Array
 
@@ -132,6 +132,16 @@ def kv_cache_axes(chunked: bool) -> tuple[str, ...]:
     return KV_CACHE_AXES if chunked else GLOBAL_KV_CACHE_AXES
 
 
+def constrain_cache(cache_bskh: Array | QArray, axes: tuple[str, ...]) -> Array | QArray:
+    """The cache's sharding by its logical axes (an int8 cache's scales: head_dim is 1)."""
+    if isinstance(cache_bskh, QArray):
+        return QArray(
+            nn.with_logical_constraint(cache_bskh.qvalue, axes),
+            nn.with_logical_constraint(cache_bskh.scale, (*axes[:-1], None)),
+        )
+    return nn.with_logical_constraint(cache_bskh, axes)
+
+
 def cache_slot_indices(cache_len: int, end: Array) -> Array:
     """[S] index held by each slot once indices 0..end-1 were written (slot = index % S), or -1."""
     slot = jnp.arange(cache_len, dtype=jnp.int32)
@@ -139,8 +149,16 @@ def cache_slot_indices(cache_len: int, end: Array) -> Array:
     return jnp.where(last >= 0, slot + cache_len * (last // cache_len), -1)
 
 
-def write_cache(cache_bskh: Array, new_btkh: Array, start: Array | int) -> Array:
-    """Store indices start .. start+T-1 at slots index % S (the last S of them if T > S)."""
+def write_cache(cache_bskh: Array | QArray, new_btkh: Array, start: Array | int) -> Array | QArray:
+    """Store indices start .. start+T-1 at slots index % S (the last S of them if T > S). An
+    int8 cache (a `QArray`, `l4jax.kv_cache`) stores them quantized, one fp32 scale per
+    (token, kv head): each entry's own scale, so writing never rescales what is stored."""
+    if isinstance(cache_bskh, QArray):
+        new = quantize_int8(new_btkh, contract_axes=(-1,))
+        return QArray(
+            write_cache(cache_bskh.qvalue, new.qvalue, start),
+            write_cache(cache_bskh.scale, new.scale, start),
+        )
     s, t = cache_bskh.shape[1], new_btkh.shape[1]
     new_btkh = new_btkh.astype(cache_bskh.dtype)
     if t > s:
@@ -283,7 +301,7 @@ class Attention(nn.Module):
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
         if cache is not None:
             axes = kv_cache_axes(self.kind.chunked)
-            cache = {n_: nn.with_logical_constraint(c, axes) for n_, c in cache.items()}
+            cache = {n_: constrain_cache(c, axes) for n_, c in cache.items()}
         return out, cache
 
 

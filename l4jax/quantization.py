@@ -66,8 +66,9 @@ ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-    """A quantized weight: `qvalue` (int8, packed-int4 uint8 or float8_e4m3fn) and fp32 `scale`
-    of the same rank. `shape` is the weight's (unpacked) shape; `astype` dequantizes."""
+    """A quantized array, a weight or an int8 KV cache (`l4jax.kv_cache`): `qvalue` (int8,
+    packed-int4 uint8 or float8_e4m3fn) and fp32 `scale` of the same rank. `shape` is the
+    array's (unpacked) shape; `astype` dequantizes."""
 
     qvalue: Array
     scale: Array

@@ -254,18 +254,20 @@ def flash(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("piece", [None, 32])
-def test_sharded_prefill_and_decode_give_the_same_tokens(sharded, flash, piece):
+@pytest.mark.parametrize("piece, kv_cache_dtype", [(None, None), (32, None), (32, "int8")])
+def test_sharded_prefill_and_decode_give_the_same_tokens(sharded, flash, piece, kv_cache_dtype):
     """The default prefill on a sequence mesh: the whole prompt through the ring; with
-    `prefill_chunk` 32, pieces that read the sharded cache by flash-decoding. Either way the
-    tokens of one device."""
+    `prefill_chunk` 32, pieces that read the sharded cache by flash-decoding (also from an
+    int8 cache). Either way the tokens and logits of one device."""
     model, params = Llama4ForCausalLM(TWO), init_params(TWO, 0)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, TWO.vocab_size, (2, 128))  # 4 shards of one chunk each
     lengths = np.array([128, 100])  # row 1 left padded by 28
     new = 5  # cache of 128 + 5 - 1 = 132 slots: 4 shards of 33 for flash-decoding
     # the default pieces: 4 of one chunk each unsharded; the whole prompt on the sequence mesh
-    loop = make_loop(model, 2, new, prefill_chunk=piece, return_logits=True)  # greedy
+    loop = make_loop(
+        model, 2, new, prefill_chunk=piece, return_logits=True, kv_cache_dtype=kv_cache_dtype
+    )  # greedy
 
     def run():
         state = prefill(loop, params, prompts, lengths, jax.random.key(0), ())
@@ -284,10 +286,10 @@ def test_sharded_prefill_and_decode_give_the_same_tokens(sharded, flash, piece):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logits, want.logits, atol=2e-5)
     # the global layer's cache (slot 1) is split over rows (data) and length (sequence): each
-    # device holds 1/8 of it; the chunked layers' rings only over rows
+    # device holds 1/8 of it; the chunked layers' rings only over rows (int8: the scales too)
     for slot, per_device in (("layer_1", 8), ("layer_0", 2)):
-        k = got.cache[slot]["k"]
-        assert {s.data.nbytes for s in k.addressable_shards} == {k.nbytes // per_device}, slot
+        for k in jax.tree.leaves(got.cache[slot]["k"]):
+            assert {s.data.nbytes for s in k.addressable_shards} == {k.nbytes // per_device}
 
 
 @pytest.mark.slow

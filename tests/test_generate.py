@@ -23,7 +23,10 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import l4jax
 from l4jax import cli, moe, preset
 from l4jax.decoding import decode_moe_backend, default_stop_ids, make_loop, prefill
+from l4jax.errors import ConfigError
 from l4jax.kv_cache import cache_bytes, cache_lengths, cache_logical_axes, init_cache, tree_bytes
+from l4jax.model import write_cache
+from l4jax.quantization import QArray
 from l4jax.sampling import Sampling, sample
 
 LENGTHS = (40, 23, 9)
@@ -165,6 +168,51 @@ def test_cache_bytes_measured_and_scout_arithmetic():
         assert cache_bytes(scout, tokens, chunk_aware=False) == per_token * 48 * tokens
 
 
+def test_int8_cache_holds_each_entry_within_half_a_step():
+    """An int8 cache stores each written entry within half a quantization step of its value
+    (one fp32 scale per token and kv head: amax / 127), through the ring's wrap-around too,
+    in (1 + 4 / head_dim) / 2 of bfloat16's bytes; other dtypes are a ConfigError."""
+    rng = np.random.default_rng(0)
+    k, h = TINY.num_key_value_heads, TINY.head_dim
+    ring = init_cache(TINY, 2, 40, dtype="int8")["layer_0"]["k"]  # chunked: a 16-slot ring
+    ring = QArray(ring.qvalue[0], ring.scale[0])  # (one layer group)
+    new = rng.standard_normal((2, 20, k, h)) * rng.uniform(0.01, 10, (2, 20, k, 1))
+    written = write_cache(ring, jnp.asarray(new, jnp.float32), 7)  # indices 7..26: 11..26 kept
+    slots = np.arange(11, 27) % 16
+    step = np.abs(new[:, 4:]).max(-1, keepdims=True) / 127
+    assert written.qvalue.dtype == jnp.int8 and written.scale.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(written.scale)[:, slots], step, rtol=1e-6)
+    error = np.abs(np.asarray(written.astype(jnp.float32))[:, slots] - new[:, 4:])
+    assert (error <= step / 2 * (1 + 1e-5)).all() and error.max() > 0
+    assert tree_bytes(init_cache(TINY, 2, 200, dtype="int8")) == cache_bytes(
+        TINY, 200, batch=2, dtype="int8"
+    )
+    ratio = cache_bytes(TINY, 1000, dtype="int8") / cache_bytes(TINY, 1000, dtype="bfloat16")
+    assert ratio == (1 + 4 / h) / 2
+    with pytest.raises(ConfigError, match="kv cache dtype 'int4'"):
+        init_cache(TINY, 1, 4, dtype="int4")
+
+
+def test_generation_with_an_int8_cache(tiny):
+    """Prefill pieces and decode steps read the int8 cache: the first new token's logits within
+    2e-3 of the float32 cache's (relative to their largest; measured 4e-4), and not equal
+    to them (the cache really is quantized); every layer's cache is int8."""
+    model, params = tiny
+    prompts = np.random.default_rng(2).integers(0, TINY.vocab_size, (2, 60))  # 4 pieces of 16
+
+    def first_logits(kv_cache_dtype):
+        loop = make_loop(model, 2, 1, return_logits=True, kv_cache_dtype=kv_cache_dtype)
+        state = prefill(loop, params, prompts, np.array([60, 45]), jax.random.key(0), ())
+        return state, np.asarray(state.logits[:, 0])
+
+    state, int8 = first_logits("int8")
+    _, want = first_logits(None)
+    assert {x.dtype.name for x in jax.tree.leaves(state.cache)} == {"int8", "float32"}
+    assert all(isinstance(c["k"], QArray) for c in state.cache.values())
+    error = np.abs(int8 - want).max() / np.abs(want).max()
+    assert 0 < error < 2e-3, error
+
+
 def test_sampling_is_seeded_and_rows_finish_independently(tiny):
     model, params = tiny
     prompts = [p % TINY.vocab_size for p in PROMPTS]
@@ -238,6 +286,8 @@ def test_cli_generate_chat_and_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.import_module("l4jax.generate_cli"), "init_params", random_params)
     args = ["--preset", "tiny", "--max-new-tokens", "3", "--temperature", "0"]
     assert cli.main(["generate", "--prompt", "Hello", *args]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["generate", "--prompt", "Hello", *args, "--kv-cache-dtype", "int8"]) == 0
     assert capsys.readouterr().out.strip()
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nhow are you?\n/exit\nignored\n"))
     assert cli.main(["chat", *args]) == 0
