@@ -43,6 +43,15 @@ after one compiling call, the backends interleaved:
 
     python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5
 
+`--kv-cache-dtypes` runs l4jax's prefill + decode once per KV cache dtype (each in its own
+child process), the first dtype the baseline: the cache's bytes (`kv_cache.cache_bytes`),
+the process peak, the largest difference of the last new token's logits (a decode step
+reading the cache) and whether the greedy tokens agree (an int8 cache takes about half of
+bfloat16's bytes; the logits move by its rounding):
+
+    python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 65536 \
+        --new-tokens 16 --kv-cache-dtypes float32 bfloat16 int8
+
 `--cp-balance` computes (nothing runs) the causal ring's load per shard and step for one
 global layer, contiguous vs zig-zag order (`l4jax.context_parallel.ring_work`: the blockwise
 block plan's own count of (query block, key block) pairs): each step lasts as long as its
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import resource
@@ -109,6 +119,8 @@ def child(args: argparse.Namespace) -> dict:
     if args.analysis:
         return l4jax_analysis(config, tokens)
     run = l4jax_run if args.side == "l4jax" else torch_run
+    if args.kv_cache_dtype:
+        run = functools.partial(l4jax_run, kv_cache_dtype=args.kv_cache_dtype)
     result = run(args.weights, tokens, args.mode, args.new_tokens)
     if args.warm:  # the same call again: compiled (l4jax), allocator warm (both)
         again = run(args.weights, tokens, args.mode, args.new_tokens)
@@ -135,7 +147,7 @@ def l4jax_analysis(config, tokens) -> dict:
     )
 
 
-def l4jax_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
+def l4jax_run(weights: str, tokens, mode: str, new_tokens: int, kv_cache_dtype=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -154,11 +166,13 @@ def l4jax_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
         return dict(seconds=seconds, compile_s=compile_s, logits=out.tolist())
     start = time.perf_counter()  # prefill: one `generate` call, compilation included
     ids, logits = l4jax.generate(
-        model, params, np.asarray(tokens), new_tokens, stop_ids=(), return_logits=True
-    )
+        model, params, np.asarray(tokens), new_tokens, stop_ids=(), return_logits=True,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     new = ids[0, tokens.shape[1] :].tolist()
-    return dict(seconds=seconds, tokens=new, logits=np.asarray(logits[0, 0]).tolist())
+    logits = np.asarray(logits[0])  # [new, V]: the first to compare with transformers'
+    return dict(seconds=seconds, tokens=new, logits=logits[0].tolist(), last=logits[-1].tolist())
 
 
 def torch_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
@@ -359,6 +373,42 @@ def cp_balance(lengths: list[int], shard_counts: list[int]) -> None:
             print("| " + " | ".join(map(str, cells)) + f" | {total / n:.0f} |", flush=True)
 
 
+def kv_cache_dtypes(args: argparse.Namespace, extra: list[str]) -> None:
+    """`--kv-cache-dtypes`: one l4jax prefill + decode per cache dtype and length, each row
+    against the first dtype's (the last new token's logits, which decode from the cache; the
+    greedy tokens)."""
+    from l4jax.config import preset
+    from l4jax.kv_cache import cache_bytes
+
+    config = preset("tiny", **CONFIGS[args.config])
+    base = args.kv_cache_dtypes[0]
+    timing = "second call (first call in brackets)" if args.warm else "one call, compile included"
+    print(f"config {args.config}, prefill + {args.new_tokens} new tokens, batch 1, float32 "
+          f"compute, CPU; generate seconds: {timing}; each dtype against {base}")  # fmt: skip
+    print("| tokens | KV cache | cache MB | cache / first | generate s | peak GB | load | "
+          "logits max abs diff | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        first = None
+        for dtype in args.kv_cache_dtypes:
+            cmd = [*extra, "--kv-cache-dtype", dtype]
+            r = measure(args.config, "prefill", "l4jax", length, args.timeout, cmd)
+            nbytes = cache_bytes(config, length + args.new_tokens - 1, dtype=dtype)
+            first = first or dict(r, nbytes=nbytes)
+            if "error" in r:
+                print(f"| {length} | {dtype} | {r['error']} |", flush=True)
+                continue
+            secs = f"{r['seconds']:.2f}" + (f" ({r['first_s']:.2f})" if "first_s" in r else "")
+            diff = np.max(np.abs(np.subtract(r["last"], first["last"])))
+            cells = [
+                str(length), dtype, f"{nbytes / 2**20:.1f}", f"{nbytes / first['nbytes']:.3f}",
+                secs, f"{r['peak_gb']:.2f}", r["load"],
+                f"{diff:.2e} (logits up to {np.max(np.abs(first['last'])):.1f})",
+                str(r["tokens"] == first["tokens"]),
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -400,6 +450,14 @@ def main() -> None:
     parser.add_argument(
         "--shards", nargs="+", type=int, default=[4, 8, 16], help="--cp-balance: ring sizes"
     )
+    parser.add_argument(
+        "--kv-cache-dtypes",
+        nargs="+",
+        metavar="DTYPE",
+        help="prefill: l4jax only, once per KV cache dtype (float32, bfloat16, int8), each "
+        "against the first: cache bytes, peak memory, logits and tokens",
+    )
+    parser.add_argument("--kv-cache-dtype", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default="l4jax", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -433,6 +491,9 @@ def main() -> None:
             print(f"| {length} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
         return
     extra = ["--new-tokens", str(args.new_tokens)] + (["--warm"] if args.warm else [])
+    if args.kv_cache_dtypes:
+        kv_cache_dtypes(args, extra)
+        return
     what = f"{args.mode}" + (f", {args.new_tokens} new tokens" if args.mode == "prefill" else "")
     timing = "second call (first call in brackets)" if args.warm else "one call"
     print(f"config {args.config}, {what}, batch 1, float32, CPU; seconds: {timing}")
