@@ -45,9 +45,10 @@ after one compiling call, the backends interleaved:
 
 `--kv-cache-dtypes` runs l4jax's prefill + decode once per KV cache dtype (each in its own
 child process), the first dtype the baseline: the cache's bytes (`kv_cache.cache_bytes`),
-the process peak, the largest difference of the last new token's logits (a decode step
-reading the cache) and whether the greedy tokens agree (an int8 cache takes about half of
-bfloat16's bytes; the logits move by its rounding):
+the process peak, the largest difference of the first new token's logits (prompts longer
+than one attention chunk: the prefill pieces after the first read the cache) and how many
+greedy tokens agree before the first that differs (an int8 cache takes about half of
+bfloat16's bytes; the logits move by its rounding; a random model has near-ties):
 
     python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 65536 \
         --new-tokens 16 --kv-cache-dtypes float32 bfloat16 int8
@@ -171,8 +172,7 @@ def l4jax_run(weights: str, tokens, mode: str, new_tokens: int, kv_cache_dtype=N
     )  # fmt: skip
     seconds = time.perf_counter() - start
     new = ids[0, tokens.shape[1] :].tolist()
-    logits = np.asarray(logits[0])  # [new, V]: the first to compare with transformers'
-    return dict(seconds=seconds, tokens=new, logits=logits[0].tolist(), last=logits[-1].tolist())
+    return dict(seconds=seconds, tokens=new, logits=np.asarray(logits[0, 0]).tolist())
 
 
 def torch_run(weights: str, tokens, mode: str, new_tokens: int) -> dict:
@@ -375,8 +375,8 @@ def cp_balance(lengths: list[int], shard_counts: list[int]) -> None:
 
 def kv_cache_dtypes(args: argparse.Namespace, extra: list[str]) -> None:
     """`--kv-cache-dtypes`: one l4jax prefill + decode per cache dtype and length, each row
-    against the first dtype's (the last new token's logits, which decode from the cache; the
-    greedy tokens)."""
+    against the first dtype's: the first new token's logits (the prefill pieces after the
+    first read the cache) and how many greedy tokens agree before the first that differs."""
     from l4jax.config import preset
     from l4jax.kv_cache import cache_bytes
 
@@ -386,7 +386,7 @@ def kv_cache_dtypes(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"config {args.config}, prefill + {args.new_tokens} new tokens, batch 1, float32 "
           f"compute, CPU; generate seconds: {timing}; each dtype against {base}")  # fmt: skip
     print("| tokens | KV cache | cache MB | cache / first | generate s | peak GB | load | "
-          "logits max abs diff | same tokens |")  # fmt: skip
+          "first new token's logits: max abs diff | greedy tokens equal until |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         first = None
@@ -399,12 +399,13 @@ def kv_cache_dtypes(args: argparse.Namespace, extra: list[str]) -> None:
                 print(f"| {length} | {dtype} | {r['error']} |", flush=True)
                 continue
             secs = f"{r['seconds']:.2f}" + (f" ({r['first_s']:.2f})" if "first_s" in r else "")
-            diff = np.max(np.abs(np.subtract(r["last"], first["last"])))
+            diff = np.max(np.abs(np.subtract(r["logits"], first["logits"])))
+            agree = np.cumprod(np.equal(r["tokens"], first["tokens"])).sum()
             cells = [
                 str(length), dtype, f"{nbytes / 2**20:.1f}", f"{nbytes / first['nbytes']:.3f}",
                 secs, f"{r['peak_gb']:.2f}", r["load"],
-                f"{diff:.2e} (logits up to {np.max(np.abs(first['last'])):.1f})",
-                str(r["tokens"] == first["tokens"]),
+                f"{diff:.2e} (logits up to {np.max(np.abs(first['logits'])):.1f})",
+                f"{agree} of {len(first['tokens'])}",
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |", flush=True)
 

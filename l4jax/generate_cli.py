@@ -166,6 +166,9 @@ def read_chat_json(path: str | Path) -> list[Message]:
     return messages
 
 
+NO_IMAGES = "images need a multimodal checkpoint"  # "/image" in a text-only chat
+
+
 def chat_loop(
     model: Llama4ForCausalLM,
     params: Any,
@@ -174,7 +177,7 @@ def chat_loop(
     write: Callable[[str], Any],
     system: str | None = None,
     images: ChatImages | None = None,
-    no_images: str = "images need a multimodal checkpoint",
+    no_images: str = NO_IMAGES,
     **generate_kwargs: Any,
 ) -> tuple[list[Message], int]:
     """Interactive chat: each line from `lines` is a user turn; replies stream to `write`
@@ -287,7 +290,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     )
 
 
-def _sampling_kwargs(
+def _generation_kwargs(
     args: argparse.Namespace, pad_to_multiple_of: int = PAD_MULTIPLE
 ) -> dict[str, Any]:
     return dict(
@@ -373,7 +376,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     multiple = PAD_MULTIPLE
     if mesh is not None:
         params, multiple = spread_over_mesh(model, params, mesh)
-    kwargs = _sampling_kwargs(args, multiple)
+    kwargs = _generation_kwargs(args, multiple)
     stream_generate(model, params, tokenizer, prompt, _write, mesh, **kwargs, **images)
     _write("\n")
     return 0
@@ -407,11 +410,11 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    multiple, no_images = PAD_MULTIPLE, "images need a multimodal checkpoint"
+    multiple, no_images = PAD_MULTIPLE, NO_IMAGES
     if mesh is not None:
         params, multiple = spread_over_mesh(model, params, mesh)
         no_images = "images are not supported with --mesh (text only)"
-    kwargs = _sampling_kwargs(args, multiple)
+    kwargs = _generation_kwargs(args, multiple)
     _, skipped = chat_loop(
         model, params, tokenizer, lines(), _write, args.system, images, no_images,
         mesh=mesh, **kwargs,
