@@ -166,9 +166,6 @@ def read_chat_json(path: str | Path) -> list[Message]:
     return messages
 
 
-NO_IMAGES = "images need a multimodal checkpoint"  # "/image" in a text-only chat
-
-
 def chat_loop(
     model: Llama4ForCausalLM,
     params: Any,
@@ -177,7 +174,6 @@ def chat_loop(
     write: Callable[[str], Any],
     system: str | None = None,
     images: ChatImages | None = None,
-    no_images: str = NO_IMAGES,
     **generate_kwargs: Any,
 ) -> tuple[list[Message], int]:
     """Interactive chat: each line from `lines` is a user turn; replies stream to `write`
@@ -185,9 +181,9 @@ def chat_loop(
 
     Every turn re-encodes the whole dialog (Meta's chat format). "/image PATH" queues an image
     for the next user turn (`images`: an `l4jax.image_prompts.ChatImages`, whose text model
-    `model` is; None for text only, when "/image" is an error saying `no_images`). A turn with
-    bad image input is skipped with a one-line error on stderr (its images stay queued). Ends
-    at EOF or "/exit"; returns (the dialog, the number of turns skipped).
+    `model` is; None for a text-only model). A turn with bad image input is skipped with a
+    one-line error on stderr (its images stay queued). Ends at EOF or "/exit"; returns (the
+    dialog, the number of turns skipped).
     """
     messages = [Message("system", system)] if system else []
     skipped = 0
@@ -201,7 +197,7 @@ def chat_loop(
         try:
             if command == "/image":
                 if images is None:
-                    raise ImageError(no_images)
+                    raise ImageError("images need a multimodal checkpoint")
                 images.add(arg.strip())
                 write(f"(image {arg.strip()}: in your next message)\n")
                 continue
@@ -250,7 +246,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
         default="",
         help="spread the model and the prompt over devices, e.g. sequence=8 (the prompt's "
         "length split over 8 devices: context parallelism, docs/long_context.md) or "
-        "fsdp=2,sequence=4; text only",
+        "fsdp=2,sequence=4",
     )
     where = "the first user turn" if chat else "the prompt text / first user message"
     p.add_argument(
@@ -344,9 +340,7 @@ def read_prompt_file(path: str) -> str:
 
 def _mesh_for(args: argparse.Namespace) -> Mesh | None:
     """`--mesh`, built before any checkpoint loads, so a spec the devices cannot form fails
-    first; text only."""
-    if args.mesh and args.image:
-        raise ConfigError(f"--mesh: text only; {args.command} with --image on one device")
+    first."""
     return make_mesh(args.mesh) if args.mesh else None
 
 
@@ -388,7 +382,7 @@ def run_chat_cli(args: argparse.Namespace) -> int:
     mesh = _mesh_for(args)
     _check_images(args.image)
     model, params, tokenizer = load_for_generation(
-        args.checkpoint, args.preset, args.dtype, args.seed, vision=mesh is None
+        args.checkpoint, args.preset, args.dtype, args.seed, vision=True
     )
     images = None
     if args.image or hasattr(model.config, "vision"):  # ("/image" needs the vision tower)
@@ -410,13 +404,11 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    multiple, no_images = PAD_MULTIPLE, NO_IMAGES
-    if mesh is not None:
+    multiple = PAD_MULTIPLE
+    if mesh is not None:  # (the vision tower, if any, stays on one device)
         params, multiple = spread_over_mesh(model, params, mesh)
-        no_images = "images are not supported with --mesh (text only)"
     kwargs = _generation_kwargs(args, multiple)
     _, skipped = chat_loop(
-        model, params, tokenizer, lines(), _write, args.system, images, no_images,
-        mesh=mesh, **kwargs,
-    )  # fmt: skip
+        model, params, tokenizer, lines(), _write, args.system, images, mesh=mesh, **kwargs
+    )
     return 2 if skipped else 0

@@ -257,9 +257,12 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     ),
     ".ci/run": "tests/test_docs.py::test_ci_runs_both_readme_quickstart_lines",
     'pip install -e ".[torch]"': EXTRAS,
-    "l4jax convert SRC DST [--to l4jax|hf] [--dtype bfloat16|float32]": (
+    "l4jax convert SRC DST [--to l4jax|hf] [--dtype bfloat16|float32] "
+    "[--quantize MODE | --dequantize] [--allow-unexpected]": (
         CONVERT,
         "tests/test_convert.py::test_dtype_option_casts_like_numpy",
+        "tests/test_quantized_checkpoint.py::test_quantized_checkpoint_exports_to_hf_only_with_dequantize",
+        "tests/test_accounting.py::test_extra_tensor_in_a_shard_but_not_in_the_index",
     ),
     "l4jax verify SRC": VERIFY,
     "l4jax train": (DEMO_DEFAULTS, TRAIN_CLI, TRAIN_RUN),
@@ -288,9 +291,8 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     # docs/inference.md
     "l4jax generate": GENERATE_CLI,
     "l4jax chat": GENERATE_CLI,
-    "l4jax generate (--checkpoint DIR | --preset NAME) (--prompt TEXT | --chat-json FILE)": (
-        GENERATE_CLI
-    ),
+    "l4jax generate (--checkpoint DIR | --preset NAME) "
+    "(--prompt TEXT | --prompt-file PATH | --chat-json FILE)": (GENERATE_CLI),
     "python benchmarks/decode.py": HELP,
     # docs/moe.md
     "python benchmarks/moe.py": HELP,
@@ -346,6 +348,8 @@ COVERED: dict[str, str | tuple[str, ...]] = {
     "python benchmarks/long_context.py --config tiny --analysis --lengths 8192 16384 32768 65536 "
     "131072 262144": HELP,
     "python benchmarks/long_context.py --cp": HELP,
+    "python benchmarks/long_context.py --config scoutish --mode prefill --lengths 16384 65536 "
+    "--new-tokens 16 --kv-cache-dtypes float32 bfloat16 int8": HELP,
     "python benchmarks/long_context.py --cp --lengths 16384 65536": HELP,
     "python benchmarks/long_context.py --attention --lengths 4096 8192 --runs 5": HELP,
     # the same computation (`context_parallel.ring_work`), asserted

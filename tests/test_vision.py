@@ -530,6 +530,44 @@ def test_generate_cli_with_image(
         image_generation_inputs(text_model, text_params, tok, [image], text="x")
 
 
+@pytest.mark.slow  # four CLI runs
+def test_generate_and_chat_with_images_on_a_sequence_mesh(
+    cli_checkpoint: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--mesh data=2,sequence=4` with images: the vision tower on one device, the text model
+    on the mesh, the prompt (image embeddings merged) through the ring; greedy text equal to
+    one device's, for `generate` and for a two-turn `chat` with an image."""
+    from l4jax import context_parallel
+    from l4jax.cli import main
+
+    ring = []  # sequence lengths that went through context-parallel attention
+    self_attention = context_parallel.ContextParallel.self_attention
+
+    def counting(cp, impl, q, *rest):
+        ring.append(q.shape[1])
+        return self_attention(cp, impl, q, *rest)
+
+    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
+    ckpt, wide, small = cli_checkpoint
+    common = ["--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]
+    runs = [
+        (["generate", *common, "--prompt", "Describe:", "--image", str(wide)], ""),
+        (["chat", *common, "--image", str(small)], "What is it?\nAnd now?\n"),
+    ]
+    for args, stdin in runs:
+        outputs = []
+        for mesh in ([], ["--mesh", "data=2,sequence=4"]):
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+            ring.clear()
+            jax.clear_caches()  # (so that prefill traces again: `ring` sees it)
+            assert main(args + mesh) == 0
+            outputs.append(capsys.readouterr().out)
+            assert bool(ring) == bool(mesh), (args[0], ring)
+        assert outputs[0] == outputs[1] and outputs[0].strip(), args[0]
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_cli_pixel_dtype_reaches_the_image_processor(
     cli_checkpoint: tuple[Path, Path, Path], command: str, monkeypatch: pytest.MonkeyPatch
