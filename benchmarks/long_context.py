@@ -120,7 +120,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.analysis:
         return l4jax_analysis(config, tokens)
     run = l4jax_run if args.side == "l4jax" else torch_run
-    if args.kv_cache_dtype:
+    if args.kv_cache_dtype and args.side == "l4jax":
         run = functools.partial(l4jax_run, kv_cache_dtype=args.kv_cache_dtype)
     result = run(args.weights, tokens, args.mode, args.new_tokens)
     if args.warm:  # the same call again: compiled (l4jax), allocator warm (both)
@@ -395,8 +395,8 @@ def kv_cache_dtypes(args: argparse.Namespace, extra: list[str]) -> None:
             r = measure(args.config, "prefill", "l4jax", length, args.timeout, cmd)
             nbytes = cache_bytes(config, length + args.new_tokens - 1, dtype=dtype)
             first = first or dict(r, nbytes=nbytes)
-            if "error" in r:
-                print(f"| {length} | {dtype} | {r['error']} |", flush=True)
+            if "error" in r or "error" in first:
+                print(f"| {length} | {dtype} | {r.get('error', first.get('error'))} |", flush=True)
                 continue
             secs = f"{r['seconds']:.2f}" + (f" ({r['first_s']:.2f})" if "first_s" in r else "")
             diff = np.max(np.abs(np.subtract(r["logits"], first["logits"])))

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 
 from l4jax import context_parallel
 from l4jax.config import Llama4Config
@@ -201,6 +202,12 @@ def _prefill(
     if piece is None:  # on a sequence mesh the whole prompt through the ring (pieces would
         # read the sharded cache by flash-decoding: a query per piece over every shard)
         piece = 0 if cp is not None else (config.attention_chunk_size or 0)
+    if cp is not None and (piece <= 0 or t <= piece or merge is not None):
+        # one piece, through the ring: its length must split (a first piece of several may
+        # not, and then attends as one array, `l4jax.model.Attention`)
+        cp.check_length(t, None)
+        if any(config.chunked_layers):
+            cp.check_length(t, config.attention_chunk_size)
     last_b1v, cache = _prefill_pieces(
         loop.model, params, piece, tokens_bt, positions_bt, segments_bt, cache, merge
     )
@@ -325,9 +332,16 @@ def prefill(
         key,
         _stop_array(stop_ids),
         jnp.int32(sink_id),
-        None if image_embeds is None else jnp.asarray(image_embeds),
+        None if image_embeds is None else _replicated(jnp.asarray(image_embeds)),
         None if image_embeds is None else jnp.int32(image_token_id),
     )
+
+
+def _replicated(x: Array) -> Array:
+    """`x` on every device of the ambient mesh, if any (the vision tower's output sits on the
+    device its params were loaded on, which a jit over the mesh would not accept)."""
+    mesh = jax.sharding.get_mesh()
+    return x if mesh.empty else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
 def decode(

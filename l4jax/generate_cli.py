@@ -377,7 +377,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 
 
 def run_chat_cli(args: argparse.Namespace) -> int:
-    """`l4jax chat`: read user turns from stdin until EOF or /exit. Exit status 2 if a turn
+    """`l4jax chat`: read user turns from stdin until EOF, /exit or /quit. Exit status 2 if a turn
     was skipped for bad image input."""
     mesh = _mesh_for(args)
     _check_images(args.image)

@@ -89,11 +89,14 @@ def check_cache_dtype(dtype: Any) -> str | None:
     return name
 
 
-def cache_logical_axes(config: Llama4Config) -> dict[str, dict[str, PartitionSpec]]:
-    """Logical axis names of the cache (as `param_logical_axes`): `layers` + `kv_cache_axes`
-    of each scan slot's layer kind."""
+def cache_logical_axes(config: Llama4Config, dtype: Any = None) -> dict[str, dict[str, Any]]:
+    """Logical axis names of the cache of `init_cache(..., dtype=dtype)` (as
+    `param_logical_axes`): `layers` + `kv_cache_axes` of each scan slot's layer kind; an
+    int8 cache's `QArray`s get them for the values and all but head_dim for the scales."""
     kinds = config.layer_kinds[: config.scan_period]
     specs = [PartitionSpec("layers", *kv_cache_axes(kind.chunked)) for kind in kinds]
+    if check_cache_dtype(dtype) == "int8":
+        specs = [QArray(spec, PartitionSpec(*spec[:-1], None)) for spec in specs]
     return {f"layer_{slot}": {"k": spec, "v": spec} for slot, spec in enumerate(specs)}
 
 

@@ -153,16 +153,16 @@ def write_cache(cache_bskh: Array | QArray, new_btkh: Array, start: Array | int)
     """Store indices start .. start+T-1 at slots index % S (the last S of them if T > S). An
     int8 cache (a `QArray`, `l4jax.kv_cache`) stores them quantized, one fp32 scale per
     (token, kv head): each entry's own scale, so writing never rescales what is stored."""
+    s, t = cache_bskh.shape[1], new_btkh.shape[1]
+    if t > s:
+        new_btkh, start, t = new_btkh[:, t - s :], start + (t - s), s
     if isinstance(cache_bskh, QArray):
         new = quantize_int8(new_btkh, contract_axes=(-1,))
         return QArray(
             write_cache(cache_bskh.qvalue, new.qvalue, start),
             write_cache(cache_bskh.scale, new.scale, start),
         )
-    s, t = cache_bskh.shape[1], new_btkh.shape[1]
     new_btkh = new_btkh.astype(cache_bskh.dtype)
-    if t > s:
-        new_btkh, start, t = new_btkh[:, t - s :], start + (t - s), s
     if t == s:  # every slot is written: entry j -> slot (start + j) % s
         return jnp.roll(new_btkh, start % s, axis=1)
     if t == 1:
@@ -197,7 +197,7 @@ def cached_attention(
     q_btnh: Array,
     k_btkh: Array,
     v_btkh: Array,
-    cache: dict[str, Array],
+    cache: dict[str, Array | QArray],
     cache_index: Array,
     positions_bt: Array,
     segments_bt: Array,
@@ -220,7 +220,9 @@ def cached_attention(
         parts = None
         if cp is not None and chunk_size is None:
             parts = cp.cache_attention(impl, q_btnh, k_all, v_all, mask)
-        return parts or attention(impl, q_btnh, k_all, v_all, mask, need_lse=t > 1)
+        if parts is None:
+            parts = attention(impl, q_btnh, k_all, v_all, mask, need_lse=t > 1)
+        return parts
 
     if t == 1:
         k_cache = write_cache(k_cache, k_btkh, cache_index)
@@ -250,7 +252,7 @@ class Attention(nn.Module):
         positions_bt: Array,
         segments_bt: Array,
         rope,
-        cache: dict[str, Array] | None = None,
+        cache: dict[str, Array | QArray] | None = None,
         cache_index: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         """-> (out [B, T, D], the updated cache or None without one).
@@ -288,8 +290,9 @@ class Attention(nn.Module):
                 impl, q, k_, v, cache, cache_index, positions_bt, segments_bt, chunk, cp
             )
         else:
-            # a prefill piece that cannot split into the shards (e.g. shorter than one chunk
-            # per shard) attends as one array; training and whole prompts must split
+            # the first prefill piece of several may not split into the shards (e.g. shorter
+            # than one chunk per shard): it attends as one array (`l4jax.decoding` checks that
+            # a prompt prefilled in one piece splits; training's sequences must)
             if cp is not None and cache is not None and q.shape[1] % cp.length_multiple(chunk):
                 cp = None
             if cp is not None:

@@ -172,6 +172,11 @@ def test_bad_lengths_are_config_errors_naming_both_numbers():
     for c in (32, None):
         cp.check_length(cp.length_multiple(c), c)
         contiguous.check_length(contiguous.length_multiple(c), c)
+    # a prompt prefilled in one piece must split too (only a first piece of several may not)
+    model, params = Llama4ForCausalLM(TWO), init_params(TWO, 0)
+    loop = make_loop(model, 2, 2)
+    with mesh_context(mesh), pytest.raises(ConfigError, match="shards of 24 tokens .* 32"):
+        prefill(loop, params, np.ones((2, 96), np.int32), np.array([96, 90]), jax.random.key(0), ())
 
 
 def test_zigzag_order_balances_the_causal_ring():

@@ -278,8 +278,9 @@ def test_cache_shards_by_logical_axes(tiny):
     spec = state.cache["layer_0"]["k"].sharding
     assert isinstance(spec, NamedSharding) and spec.spec[1] == "data"
     np.testing.assert_array_equal(state.tokens, ref.tokens)
-    axes = cache_logical_axes(TINY)
-    assert jax.tree.structure(axes) == jax.tree.structure(init_cache(TINY, 1, 4))
+    for dtype in (None, "int8"):  # (int8: a QArray of values and scales per k and v)
+        axes = cache_logical_axes(TINY, dtype)
+        assert jax.tree.structure(axes) == jax.tree.structure(init_cache(TINY, 1, 4, dtype=dtype))
 
 
 def test_cli_generate_chat_and_errors(tmp_path, capsys, monkeypatch):

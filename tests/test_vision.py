@@ -533,14 +533,17 @@ def test_generate_cli_with_image(
 @pytest.mark.slow  # four CLI runs
 def test_generate_and_chat_with_images_on_a_sequence_mesh(
     cli_checkpoint: tuple[Path, Path, Path],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`--mesh data=2,sequence=4` with images: the vision tower on one device, the text model
     on the mesh, the prompt (image embeddings merged) through the ring; greedy text equal to
-    one device's, for `generate` and for a two-turn `chat` with an image."""
+    one device's, for `generate` and for a two-turn `chat` with an image. From an l4jax
+    checkpoint, whose params load onto one device (so do the image embeddings)."""
     from l4jax import context_parallel
     from l4jax.cli import main
+    from l4jax.convert.conversion import convert_checkpoint
 
     ring = []  # sequence lengths that went through context-parallel attention
     self_attention = context_parallel.ContextParallel.self_attention
@@ -550,7 +553,9 @@ def test_generate_and_chat_with_images_on_a_sequence_mesh(
         return self_attention(cp, impl, q, *rest)
 
     monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
-    ckpt, wide, small = cli_checkpoint
+    hf, wide, small = cli_checkpoint
+    ckpt = tmp_path / "l4jax"
+    convert_checkpoint(hf, ckpt, progress=False)
     common = ["--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]
     runs = [
         (["generate", *common, "--prompt", "Describe:", "--image", str(wide)], ""),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import glob
 import logging
 import math
 import os
@@ -145,12 +146,12 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
         except OSError as e:
             raise CheckpointError(f"{dst}: cannot move the finished checkpoint there ({e})") from e
     except BaseException:
-        remove_settled(tmp.parent, tmp.name)
+        remove_settled(tmp.parent, glob.escape(tmp.name))
         raise
     hostmem.fsync_path(dst.parent)
 
 
-def remove_settled(parent: Path, pattern: str, quiet_s: float = 1.0, limit_s: float = 30.0):
+def remove_settled(parent: Path, pattern: str, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
     """Remove what `parent.glob(pattern)` finds until nothing reappears for `quiet_s`.
 
     A failed Orbax save reports its first failed write while its other writes (TensorStore's,
@@ -164,6 +165,10 @@ def remove_settled(parent: Path, pattern: str, quiet_s: float = 1.0, limit_s: fl
         if found:
             quiet_since = time.monotonic()
         time.sleep(0.05)
+    if any(Path(parent).glob(pattern)):
+        log.warning(
+            "%s: %s still reappearing after %.0f s; left in place", parent, pattern, limit_s
+        )
 
 
 def remove_stale_partials(dst: Path) -> None:
