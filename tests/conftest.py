@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # 8 simulated devices; LLVM at -O0: most of the suite's time is XLA:CPU compiling small models,
 # and -O0 cuts it by a fifth here. Codegen changes fp32 rounding (contraction, reduction order)
 # the way another CPU would, so tolerances are what fp32 allows, not the bits of one build.
@@ -70,3 +72,24 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: file order kept)
+
+
+@pytest.fixture
+def traced_lengths(monkeypatch):
+    """`traced_lengths(method)`: a list that gets the query length (`q.shape[1]`) of every
+    traced call of `l4jax.context_parallel.ContextParallel.<method>` (which attention went
+    context-parallel)."""
+    from l4jax.context_parallel import ContextParallel
+
+    def watch(method: str) -> list[int]:
+        lengths: list[int] = []
+        original = getattr(ContextParallel, method)
+
+        def counting(cp, impl, q, *rest):
+            lengths.append(q.shape[1])
+            return original(cp, impl, q, *rest)
+
+        monkeypatch.setattr(ContextParallel, method, counting)
+        return lengths
+
+    return watch

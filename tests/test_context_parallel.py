@@ -229,33 +229,16 @@ def test_flash_decoding_over_cache_shards_equals_whole_cache(t):
 
 
 @pytest.fixture
-def sharded(monkeypatch):
-    """The sequence lengths of the layers whose attention ran context-parallel (appended when
-    `ContextParallel.self_attention` is traced)."""
-    lengths = []
-    self_attention = context_parallel.ContextParallel.self_attention
-
-    def counting(cp, impl, q, *rest):
-        lengths.append(q.shape[1])
-        return self_attention(cp, impl, q, *rest)
-
-    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
-    return lengths
+def sharded(traced_lengths):
+    """The sequence lengths of the layers whose attention ran context-parallel."""
+    return traced_lengths("self_attention")
 
 
 @pytest.fixture
-def flash(monkeypatch):
+def flash(traced_lengths):
     """The query lengths of the attentions that read a sequence-sharded cache by
-    flash-decoding (appended when `ContextParallel.cache_attention` is traced)."""
-    lengths = []
-    cache_attention = context_parallel.ContextParallel.cache_attention
-
-    def counting(cp, impl, q, *rest):
-        lengths.append(q.shape[1])
-        return cache_attention(cp, impl, q, *rest)
-
-    monkeypatch.setattr(context_parallel.ContextParallel, "cache_attention", counting)
-    return lengths
+    flash-decoding."""
+    return traced_lengths("cache_attention")
 
 
 @pytest.mark.slow

@@ -536,23 +536,16 @@ def test_generate_and_chat_with_images_on_a_sequence_mesh(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    traced_lengths: Any,
 ) -> None:
     """`--mesh data=2,sequence=4` with images: the vision tower on one device, the text model
     on the mesh, the prompt (image embeddings merged) through the ring; greedy text equal to
     one device's, for `generate` and for a two-turn `chat` with an image. From an l4jax
     checkpoint, whose params load onto one device (so do the image embeddings)."""
-    from l4jax import context_parallel
     from l4jax.cli import main
     from l4jax.convert.conversion import convert_checkpoint
 
-    ring = []  # sequence lengths that went through context-parallel attention
-    self_attention = context_parallel.ContextParallel.self_attention
-
-    def counting(cp, impl, q, *rest):
-        ring.append(q.shape[1])
-        return self_attention(cp, impl, q, *rest)
-
-    monkeypatch.setattr(context_parallel.ContextParallel, "self_attention", counting)
+    ring = traced_lengths("self_attention")  # what went through context-parallel attention
     hf, wide, small = cli_checkpoint
     ckpt = tmp_path / "l4jax"
     convert_checkpoint(hf, ckpt, progress=False)
