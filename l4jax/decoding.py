@@ -202,7 +202,9 @@ def _prefill(
     if piece is None:  # on a sequence mesh the whole prompt through the ring (pieces would
         # read the sharded cache by flash-decoding: a query per piece over every shard)
         piece = 0 if cp is not None else (config.attention_chunk_size or 0)
-    if cp is not None and (piece <= 0 or t <= piece or merge is not None):
+    if t <= piece or merge is not None:  # (images: one piece, see make_loop)
+        piece = 0
+    if cp is not None and piece <= 0:
         # one piece, through the ring: its length must split (a first piece of several may
         # not, and then attends as one array, `l4jax.model.Attention`)
         cp.check_length(t, None)
@@ -220,9 +222,10 @@ def _prefill(
 def _prefill_pieces(model, params, piece, tokens_bt, positions_bt, segments_bt, cache, merge):
     """-> (logits [B, 1, V] of the last prompt position, the filled cache). The first piece is
     the T % piece remainder (or a whole piece) written from index 0; a `lax.scan` then runs the
-    remaining whole pieces, each attending to the cache, so the model compiles twice at most."""
+    remaining whole pieces, each attending to the cache, so the model compiles twice at most.
+    `piece` <= 0: the whole prompt in one piece."""
     t = tokens_bt.shape[1]
-    if piece <= 0 or t <= piece or merge is not None:  # (images: one piece, see make_loop)
+    if piece <= 0:
         return model.apply(
             {"params": params},
             tokens_bt,

@@ -300,12 +300,14 @@ def _generation_kwargs(
     )
 
 
-def spread_over_mesh(model: Llama4ForCausalLM, params: Any, mesh: Mesh) -> tuple[Any, int]:
+def spread_over_mesh(model: Llama4ForCausalLM, params: Any, mesh: Mesh | None) -> tuple[Any, int]:
     """`--mesh`: (the params placed on `mesh` by their logical axes, the prompt length
-    multiple). With a `sequence` axis the prompt's length is split over it (context
-    parallelism, `l4jax.context_parallel`): prompts are left-padded to a length it can split
-    (`ContextParallel.length_multiple`: whole chunks per shard, two pieces per shard in
-    zig-zag order)."""
+    multiple; without a mesh the params as they are and PAD_MULTIPLE). With a `sequence`
+    axis the prompt's length is split over it (context parallelism, `l4jax.context_parallel`):
+    prompts are left-padded to a length it can split (`ContextParallel.length_multiple`: whole
+    chunks per shard, two pieces per shard in zig-zag order)."""
+    if mesh is None:
+        return params, PAD_MULTIPLE
     axes = quantization.logical_axes(param_logical_axes(model.config), params)
     params = shard_params(params, axes, mesh)
     config = model.config
@@ -367,9 +369,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode_dialog_prompt(messages)
     log.info("prompt: %d tokens, %d image(s)", len(prompt), len(args.image))
     params = quantize_logged(params, model.config, args.quantize)
-    multiple = PAD_MULTIPLE
-    if mesh is not None:
-        params, multiple = spread_over_mesh(model, params, mesh)
+    params, multiple = spread_over_mesh(model, params, mesh)
     kwargs = _generation_kwargs(args, multiple)
     stream_generate(model, params, tokenizer, prompt, _write, mesh, **kwargs, **images)
     _write("\n")
@@ -404,9 +404,7 @@ def run_chat_cli(args: argparse.Namespace) -> int:
                 return
             yield line
 
-    multiple = PAD_MULTIPLE
-    if mesh is not None:  # (the vision tower, if any, stays on one device)
-        params, multiple = spread_over_mesh(model, params, mesh)
+    params, multiple = spread_over_mesh(model, params, mesh)  # (a vision tower stays on one)
     kwargs = _generation_kwargs(args, multiple)
     _, skipped = chat_loop(
         model, params, tokenizer, lines(), _write, args.system, images, mesh=mesh, **kwargs
